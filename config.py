@@ -1,0 +1,92 @@
+"""Every default of the project, as plain dataclasses. Edit a field to change what a command does by
+default; every field is also a command-line option (`--epochs 20`, `--models cnn resnet50`), through tyro.
+Each class validates itself before any work starts and raises UsageError with the bad value and the
+allowed ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+from data_sources import check_dataset_name
+from models import check_model_name
+from privacy import ACCOUNTANTS, PRIVACY_MODES
+from utils import UsageError
+
+
+@dataclass
+class TrainConfig:
+    """The training study: models x privacy settings on one dataset; writes runs/train."""
+
+    dataset: str = "faces"  # embedded and offline; the stand-in for hot-dog / not-hot-dog
+    models: list[str] = field(default_factory=lambda: ["cnn"])  # also: resnet50 dinov2 mlp lenet fcnn
+    privacy: list[str] = field(default_factory=lambda: list(PRIVACY_MODES))  # none, dp-sgd, regularized
+    epsilons: list[float] = field(default_factory=lambda: [8.0, 25.0, 50.0])  # the seed study's budgets
+    delta: float = 1e-5  # must stay below 1/N for N training samples
+    max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
+    accountant: str = "prv"  # Opacus' default accountant; rdp and gdp also work
+    epochs: int = 30  # small sets need many passes; a few minutes for the default study on 2 CPU cores
+    batch_size: int = 32  # expected batch size; DP-SGD samples each example with rate batch_size / N
+    lr: float = 0.05  # SGD learning rate (momentum 0.9)
+    reg_sigma: float = 1.0  # PDP-SGD noise scale σ; the penalty weight is κ = (lr · σ)²
+    test_fraction: float = 0.25  # held-out share of the embedded sets (stratified, seeded)
+    image_size: int = 64  # side length for image folders and photos; pretrained backbones resize to 224
+    pretrained: bool = True  # --no-pretrained builds resnet50/dinov2 with random weights (smoke tests)
+    feature_cache: bool = True  # head-only models train on backbone features computed once per split
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    data_root: Path = Path("data")  # where downloaded and image-folder datasets live
+    download: bool = True  # fetch torchvision datasets into data_root when missing
+    out: Path = Path("runs/train")
+    force: bool = False  # redo runs that already finished
+
+    def validate(self) -> None:
+        check_dataset_name(self.dataset)
+        if not self.models:
+            raise UsageError("--models is empty; name at least one model.")
+        for name in self.models:
+            check_model_name(name)
+        for mode in self.privacy:
+            if mode not in PRIVACY_MODES:
+                raise UsageError(f"unknown privacy mode '{mode}'; choose from {', '.join(PRIVACY_MODES)}.")
+        if "dp-sgd" in self.privacy and not self.epsilons:
+            raise UsageError("--privacy includes dp-sgd but --epsilons is empty; give e.g. --epsilons 8 25 50.")
+        for eps in self.epsilons:
+            if not eps > 0:
+                raise UsageError(f"epsilon {eps} is not positive; a privacy budget must be > 0 (e.g. 1, 8, 50).")
+        if self.accountant not in ACCOUNTANTS:
+            raise UsageError(f"unknown accountant '{self.accountant}'; choose from {', '.join(ACCOUNTANTS)}.")
+        if not self.max_grad_norm > 0:
+            raise UsageError(f"--max-grad-norm {self.max_grad_norm} must be positive (e.g. 1.0).")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs {self.epochs} must be at least 1.")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} must be at least 1.")
+        if not self.lr > 0:
+            raise UsageError(f"--lr {self.lr} must be positive.")
+        if not 0 < self.test_fraction < 1:
+            raise UsageError(f"--test-fraction {self.test_fraction} must lie in (0, 1).")
+        if self.reg_sigma < 0:
+            raise UsageError(f"--reg-sigma {self.reg_sigma} must be >= 0.")
+
+    def validate_data(self, num_train: int) -> None:
+        """Checks that need the training-set size N."""
+        if self.batch_size > num_train:
+            raise UsageError(
+                f"--batch-size {self.batch_size} is larger than the {num_train} training samples of "
+                f"'{self.dataset}'; use at most {num_train}."
+            )
+        if "dp-sgd" in self.privacy and not 0 < self.delta < 1 / num_train:
+            raise UsageError(
+                f"--delta {self.delta} must lie in (0, 1/N) = (0, {1 / num_train:.3g}) for the {num_train} "
+                f"training samples of '{self.dataset}'; 1e-5 is the usual choice."
+            )
+
+
+def parse(cls: type, args: list[str] | None = None):
+    """Build a config from the command line (defaults from the dataclass) and validate it."""
+    cfg = tyro.cli(cls, args=args, description=cls.__doc__)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,109 @@
+"""Training-time privacy: DP-SGD through Opacus, the loss-regularized alternative (PDP-SGD), and the
+conversion between a target ε and a noise multiplier, always through an Opacus accountant."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader
+
+PRIVACY_MODES = ("none", "dp-sgd", "regularized")
+ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountants; "prv" is PrivacyEngine's default
+
+
+def noise_multiplier_for(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest noise multiplier whose ε after `steps` Poisson-sampled steps is at most the target:
+    the same search Opacus' make_private_with_epsilon does, so training and attacks agree."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """ε the accountant reports for `steps` steps of the sampled Gaussian mechanism (0 steps spend nothing)."""
+    if steps == 0:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    target_epsilon: float,
+    delta: float,
+    epochs: int,
+    max_grad_norm: float,
+    accountant: str,
+    seed: int,
+) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the
+    noise multiplier the accountant gives for target_epsilon at delta over `epochs`."""
+    engine = PrivacyEngine(accountant=accountant)
+    generator = torch.Generator().manual_seed(seed)
+    module, optimizer, loader = engine.make_private_with_epsilon(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        epochs=epochs,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=generator,
+    )
+    return engine, module, optimizer, loader
+
+
+class WeightNoiseRegularizer:
+    """PDP-SGD (arXiv 2409.17144): instead of noising gradients, add to the loss the expected squared change
+    of each trainable layer's pre-activations under multiplicative Gaussian weight noise.
+
+    For y = W x with W_ij -> W_ij (1 + ξ_ij), ξ ~ N(0, 1), E[Δy_i²] = Σ_j W_ij² x_j², so the penalty is
+    κ · mean over the batch of Σ_ij W_ij² x_j², with κ = (η σ)² for learning rate η and noise scale σ.
+    Inputs are captured by forward hooks on every trainable Linear and Conv2d, so the term is computed
+    from the layer's actual inputs and has gradients on trainable weights only.
+    """
+
+    def __init__(self, model: nn.Module, kappa: float):
+        self.kappa = kappa
+        self.terms: list[torch.Tensor] = []
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
+        if not layers:
+            raise ValueError("the regularizer needs at least one trainable Linear or Conv2d layer")
+        self.handles = [m.register_forward_hook(self._record) for m in layers]
+
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():
+            return
+        x2, w2 = inputs[0].pow(2), module.weight.pow(2)
+        if isinstance(module, nn.Linear):
+            term = F.linear(x2, w2)
+        else:
+            term = F.conv2d(x2, w2, None, module.stride, module.padding, module.dilation, module.groups)
+        self.terms.append(term.flatten(1).sum(1).mean())
+
+    def penalty(self) -> torch.Tensor:
+        """κ times the terms recorded since the last call (one forward pass); clears them."""
+        total = self.kappa * torch.stack(self.terms).sum()
+        self.terms.clear()
+        return total
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
