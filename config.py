@@ -90,3 +90,28 @@ def parse(cls: type, args: list[str] | None = None):
     cfg = tyro.cli(cls, args=args, description=cls.__doc__)
     cfg.validate()
     return cfg
+
+
+@dataclass
+class AnalysisConfig:
+    """The analysis: reads the finished runs under --runs and writes figures and report.md to --out."""
+
+    runs: Path = Path("runs")  # holds train/ (from train.py) and attack/ (from gradient_attack.py)
+    out: Path = Path("static")  # figures and report.md; the README embeds them from here
+    ssim_threshold: float = 0.5  # below this final SSIM an attack "stops working"; matches the attack's success_ssim
+    dpi: int = 200  # print quality
+    max_images: int = 8  # rows (images) shown per reconstruction grid; more make unreadable figures
+    max_snapshots: int = 8  # columns (iterations) shown per reconstruction-evolution figure
+
+    def validate(self) -> None:
+        if not 0 < self.ssim_threshold <= 1:
+            raise UsageError(
+                f"--ssim-threshold {self.ssim_threshold} must lie in (0, 1]: SSIM is 1 for an exact "
+                "reconstruction; 0.5 is the usual line between recognisable and not."
+            )
+        if not 50 <= self.dpi <= 1200:
+            raise UsageError(f"--dpi {self.dpi} must lie in [50, 1200]; 200 is print quality, 100 for quick looks.")
+        if self.max_images < 1:
+            raise UsageError(f"--max-images {self.max_images} must be at least 1.")
+        if self.max_snapshots < 1:
+            raise UsageError(f"--max-snapshots {self.max_snapshots} must be at least 1.")
