@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 import config
 from config import AnalysisConfig
@@ -217,9 +217,18 @@ def _show(ax: plt.Axes, x: np.ndarray) -> None:
         x = x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
     elif x.ndim == 1:
         x = x[None, :]
-    ax.imshow(x, cmap="gray" if x.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    aspect = "auto" if x.shape[0] == 1 else "equal"
+    ax.imshow(x, cmap="gray" if x.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _log_axis(ax: plt.Axes, values, base: int = 10) -> None:
+    """Log x with ticks at the values that were run, written plainly (8, 25, 50 rather than 10^1)."""
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(sorted(set(values)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _mean_std(values: pd.Series | np.ndarray, digits: int = 3) -> str:
@@ -280,7 +289,7 @@ def _representatives(study: Study) -> pd.DataFrame:
 
 
 def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
-    """Per scenario: the originals on top, each mechanism's final reconstructions below, same columns."""
+    """Per scenario: one row per image, its original first, then each mechanism's final reconstruction."""
     reps = _representatives(study)
     if reps.empty:
         return "_Skipped: no attack run has a readable snapshots.npz._\n"
@@ -294,11 +303,14 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
                 finals.append((f"{mech}\nSSIM {run.ssim:.2f}", npz["snapshots"][-1]))
                 originals = npz["originals"] if originals is None else originals
         n = min(cfg.max_images, len(originals), *(len(f) for _, f in finals))
-        fig, axes = plt.subplots(1 + len(finals), n, figsize=(1.5 * n + 1.5, 1.5 * (1 + len(finals))), squeeze=False)
-        for row, (label, images) in zip(axes, [("original", originals), *finals], strict=True):
-            for j, ax in enumerate(row):
-                _show(ax, images[j])
-            row[0].set_ylabel(label, fontsize=8)
+        columns = [("original", originals), *finals]
+        fig, axes = plt.subplots(n, len(columns), figsize=(1.3 * len(columns), 1.3 * n + 0.8), squeeze=False)
+        for i, row in enumerate(axes):
+            for ax, (_, images) in zip(row, columns, strict=True):
+                _show(ax, images[i])
+            row[0].set_ylabel(f"image {i}", fontsize=8)
+        for ax, (label, _) in zip(axes[0], columns, strict=True):
+            ax.set_title(label, fontsize=7)
         fig.suptitle(f"Originals vs final reconstructions: {_title(scenario)}")
         markdown += _save(fig, cfg.out / f"reconstructions_{_slug(*scenario)}.png", cfg.dpi)
     return markdown
@@ -338,6 +350,7 @@ def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, va
     if frame.empty:
         ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
         return
+    epsilons = []
     for i, (key, group) in enumerate(frame.groupby(by)):
         color, name = f"C{i}", " / ".join(str(k) for k in key)
         dp = group[group[mode] == "dp-sgd"]
@@ -345,11 +358,13 @@ def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, va
             at = dp.assign(eps=dp.epsilon.fillna(dp[target])).groupby(target)
             mean, std = at[value].mean(), at[value].std(ddof=0)
             ax.errorbar(at.eps.mean(), mean, yerr=std, color=color, marker="o", capsize=3, label=f"{name}: DP-SGD")
-            ax.set_xscale("log")
+            epsilons += list(at.eps.mean().round(1))
         for mode_name, style, label in (("none", "--", "plain (ε = ∞)"), ("regularized", ":", "regularized (no ε)")):
             reference = group[group[mode] == mode_name][value]
             if not reference.empty:
                 ax.axhline(reference.mean(), color=color, ls=style, label=f"{name}: {label}")
+    if epsilons:
+        _log_axis(ax, epsilons)
     ax.set_xlabel("ε spent (log scale; plain training has ε = ∞)")
     ax.legend(fontsize=7)
 
@@ -374,7 +389,8 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
             runs = attack[attack.victim == model]
             _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"])
             ax.set(ylabel=ylabel, title=f"{model}: leakage ({metric.upper()})")
-        row[1].axhline(cfg.ssim_threshold, color="grey", lw=1)
+        row[1].axhline(cfg.ssim_threshold, color="grey", lw=1, label=f"threshold {cfg.ssim_threshold}")
+        row[1].legend(fontsize=7)
     return _save(fig, cfg.out / "privacy_tradeoff.png", cfg.dpi)
 
 
@@ -471,7 +487,7 @@ def plot_sensitivity(sweeps: pd.DataFrame, breaks: pd.DataFrame, cfg: AnalysisCo
         col[1].set(ylabel="final PSNR (dB, mean ± std over images)")
         for ax in col:
             if name in LOG_STRENGTH:
-                ax.set_xscale("log")
+                _log_axis(ax, sweeps[sweeps.mechanism_name == name].strength)
             ax.set_xlabel(
                 f"{STRENGTH_LABELS.get(name, 'strength')} ({direction}{', log scale' * (name in LOG_STRENGTH)})"
             )
@@ -493,12 +509,10 @@ def plot_batch_size(study: Study, cfg: AnalysisConfig) -> str:
         ax_psnr.errorbar(
             psnr.mean().index, psnr.mean(), yerr=psnr.std(ddof=0), color=f"C{i}", marker="o", capsize=3, label=label
         )
-    ax_success.set(ylabel="success rate (share of images with SSIM ≥ the run's success_ssim)", ylim=(-0.05, 1.05))
-    ax_psnr.set(ylabel="final PSNR (dB, mean ± std over images)")
+    ax_success.set(ylabel="success rate (fraction of images)", ylim=(-0.05, 1.05), title="attack success")
+    ax_psnr.set(ylabel="final PSNR (dB, mean ± std over images)", title="reconstruction quality")
     for ax in (ax_success, ax_psnr):
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xticks(sorted(runs.batch_size.unique()))
+        _log_axis(ax, runs.batch_size, base=2)
         ax.set_xlabel("batch size (images per shared update, log scale)")
         ax.legend(fontsize=7)
     return _save(fig, cfg.out / "batch_size.png", cfg.dpi)

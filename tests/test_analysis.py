@@ -57,7 +57,7 @@ def write_train_run(root: Path, privacy: str, target: float | None, accuracy: fl
     upsert_summary(root / "summary.csv", row)
 
 
-def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1, success_rate: float = 1.0) -> None:
+def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1, success_rate: float | None = None):
     name, _, strength = mechanism.partition(":")
     run = f"cnn-faces-dlg-{mechanism.replace(':', '-')}-b{batch_size}"
     per_image = [
@@ -70,6 +70,7 @@ def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 
     )
     row |= dict(batch_size=batch_size, num_images=2, iterations=20, restarts=1, loss=1e-3, seconds=1.0, seed=0)
     row |= dict(mse=np.mean([r["mse"] for r in per_image]), psnr=_psnr(ssim), ssim=ssim, label_accuracy=1.0)
+    success_rate = np.mean([r["ssim"] >= 0.5 for r in per_image]) if success_rate is None else success_rate
     row |= dict(success_rate=success_rate, recovered_fraction=0.0)
     iterations = [0, 10, 20]
     trajectory = [
@@ -223,7 +224,9 @@ def test_bad_threshold_exits_2_naming_the_value(tmp_path, capsys):
 
 
 def test_malformed_runs_are_named_and_skipped(tmp_path, capsys):
-    runs = make_runs(tmp_path / "runs", train=False)
+    runs = tmp_path / "runs"
+    for mechanism in ["none", "noise:0.1", "quantize:2"]:
+        write_attack_run(runs / "attack", mechanism, ATTACK_SSIM[mechanism])
     broken = runs / "attack" / "cnn-faces-dlg-noise-0.1-b1"
     (broken / "metrics.json").write_text("{not json")
     no_trajectory = runs / "attack" / "cnn-faces-dlg-quantize-2-b1"
