@@ -1,0 +1,325 @@
+"""Malicious-server attacks that read whole batches off one layer's gradient: GIAvMP and Robbing the Fed.
+
+Both rest on one identity. For a linear layer z = W x + b followed by a ReLU, the gradient of neuron i is
+dL/dW_i = sum_s g_si x_s and dL/db_i = sum_s g_si, summed over the samples s that activate it. If exactly
+one sample activates it, x = (dL/dW_i) / (dL/db_i) exactly. The server therefore sends a model whose
+"trap" layer makes such neurons common:
+
+- `giavmp` (model poisoning) replaces the first fully connected layer by malicious parameters fitted on
+  auxiliary data, so that in a batch of B each sample is alone on a few of its neurons;
+- `rtf` (Robbing the Fed, Fowl et al. 2021) prepends an imprint block: K ReLU neurons that all measure one
+  linear statistic h(x) with thresholds at its quantiles, so adjacent neurons' differences isolate bins.
+
+The server sees only the model it sent and the SharedUpdate. It tells an exact readout from a mixture of
+several samples without the private batch: for a candidate x and each label y it recomputes, on the model
+it sent, the gradient a lone sample (x, y) would put on that readout, and keeps candidates whose observed
+gradient matches it. Known samples are then subtracted from the layer's gradient ("peeling"), which
+turns neurons that two samples shared into exact readouts of the second one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load, save
+
+from defenses import SharedUpdate, trainable_parameters
+from utils import UsageError, atomic_write_bytes
+
+CHECK_TOLERANCE = 1e-4  # relative mismatch below which a readout counts as one sample (float32 gives ~1e-6)
+SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
+PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+
+
+@dataclass
+class TrapReadout:
+    """What the server reads off the trap layer: one row per sample it claims (in the layer's input space),
+    best first, and how many readouts passed or failed the single-sample check."""
+
+    inputs: torch.Tensor  # (M, d) exact readouts first, then the best remaining mixtures
+    labels: torch.Tensor  # (M,) the label that explains each readout best
+    exact: int  # readouts that passed the check (distinct samples)
+    collisions: int  # readouts that carry gradient but failed it: several samples shared a neuron/bin
+    unexplained: float  # share of the layer's weight gradient not explained by the exact readouts
+
+
+# --- the trap layer and per-sample gradients on it ---------------------------------------------------
+
+
+def trap_layer(model: nn.Module) -> nn.Linear:
+    """The first fully connected layer that is not the classifier: the layer both attacks read."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        raise UsageError(
+            f"the analytic attacks need a hidden fully connected layer before the classifier, and "
+            f"{type(model).__name__} has {len(linears)} linear layer(s); use --model fcnn, mlp or cnn."
+        )
+    return linears[0]
+
+
+def trap_gradients(model: nn.Module, update: SharedUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared gradients of the trap layer's weight and bias, found by position in the parameter list."""
+    layer = trap_layer(model)
+    ids = [id(p) for p in trainable_parameters(model)]
+    grads = update.gradients
+    return grads[ids.index(id(layer.weight))], grads[ids.index(id(layer.bias))]
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """What the trap layer receives for `images`: flattened pixels for an MLP, conv features for a CNN."""
+    layer, captured = trap_layer(model), []
+    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    try:
+        for i in range(0, len(images), chunk):
+            model(images[i : i + chunk])
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def preactivation_grads(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...], chunk: int = 2048
+) -> torch.Tensor:
+    """dL/dz of the trap layer for each (input, label) as a lone sample: what it would add to dL/db.
+
+    The trap layer's input is replaced by `inputs` with a forward pre-hook, so this works whether the
+    layer reads pixels (fcnn, imprint) or conv features (cnn). Samples do not interact in these models
+    (no BatchNorm), so one summed loss gives every per-sample gradient at once."""
+    layer = trap_layer(model)
+    feeds_pixels = inputs.shape[1] == math.prod(input_shape)
+    out = []
+    for i in range(0, len(inputs), chunk):
+        x, y = inputs[i : i + chunk], labels[i : i + chunk]
+        images = x.view(len(x), *input_shape) if feeds_pixels else x.new_zeros(len(x), *input_shape)
+        z: list[torch.Tensor] = []
+        pre = layer.register_forward_pre_hook(lambda m, args, x=x: (x,))
+        post = layer.register_forward_hook(lambda m, args, output, z=z: z.append(output))
+        try:
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(images), y, reduction="sum")
+                out.append(torch.autograd.grad(loss, z[0])[0].detach())
+        finally:
+            pre.remove()
+            post.remove()
+    return torch.cat(out)
+
+
+# --- the readout shared by both attacks ---------------------------------------------------------------
+
+
+def read_trap(
+    model: nn.Module,
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor,
+    batch_size: int,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    combos: torch.Tensor | None = None,
+) -> TrapReadout:
+    """Read samples off the trap layer's gradient (a mean over `batch_size` samples).
+
+    `combos` (R, N) are the linear combinations of neurons that isolate samples: the identity for GIAvMP
+    (one neuron each), adjacent differences for RtF (one bin each). Each round checks every readout
+    against the gradient a lone sample would give, keeps the exact ones (deduplicated: a sample alone on
+    several neurons appears several times), subtracts their contribution and reads again."""
+    combos = torch.eye(len(grad_b)) if combos is None else combos
+    dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size  # sums over the batch
+    combos = combos.double()
+    floor = SIGNAL_FLOOR * (combos @ db).abs().max().clamp_min(1e-30)
+    silent = db.abs() <= SIGNAL_FLOOR * db.abs().max()  # neurons no sample fired
+    known_x, known_y = [], []
+    for _ in range(PEEL_ROUNDS):
+        cand_x, cand_y, error = _check_readouts(model, combos, dw, db, floor, silent, num_classes, input_shape)
+        ok = error < CHECK_TOLERANCE
+        new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
+        if not len(new):
+            break
+        new_x, new_y = cand_x[ok][new], cand_y[ok][new]
+        g = preactivation_grads(model, new_x.float(), new_y, input_shape).double()
+        dw, db = dw - g.T @ new_x, db - g.sum(0)
+        known_x.append(new_x)
+        known_y.append(new_y)
+    exact_x = torch.cat(known_x) if known_x else dw.new_zeros(0, dw.shape[1])
+    exact_y = torch.cat(known_y) if known_y else torch.zeros(0, dtype=torch.long)
+    rest = _distinct(cand_x[error.argsort()], exact_x)
+    order = error.argsort()[rest]
+    total = grad_w.double().norm() * batch_size
+    return TrapReadout(
+        inputs=torch.cat([exact_x, cand_x[order]]).float(),
+        labels=torch.cat([exact_y, cand_y[order]]),
+        exact=len(exact_x),
+        collisions=len(order),
+        unexplained=float(dw.norm() / total.clamp_min(1e-30)),
+    )
+
+
+def _check_readouts(
+    model: nn.Module,
+    combos: torch.Tensor,
+    dw: torch.Tensor,
+    db: torch.Tensor,
+    floor: torch.Tensor,
+    silent: torch.Tensor,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates x = dW/db of the readouts that carry gradient, the best label of each, and its relative
+    mismatch between the observed readout and the one a lone sample (x, label) would give. One scalar
+    per readout can match by chance among thousands, so a candidate that would fire a `silent` neuron
+    (one that no sample of the batch fired) is no sample of the batch and gets an infinite mismatch."""
+    obs_w, obs_b = combos @ dw, combos @ db
+    rows = (obs_b.abs() > floor).nonzero().squeeze(1)
+    rows = rows[obs_b[rows].abs().argsort(descending=True)]  # best conditioned first: they win deduplication
+    if not len(rows):
+        empty = dw.new_zeros(0)
+        return dw.new_zeros(0, dw.shape[1]), empty.long(), empty
+    x, observed = obs_w[rows] / obs_b[rows, None], obs_b[rows, None]
+    labels = torch.arange(num_classes).repeat(len(rows))
+    g = preactivation_grads(model, x.float().repeat_interleave(num_classes, 0), labels, input_shape).double()
+    predicted = (g.view(len(rows), num_classes, -1) * combos[rows][:, None, :]).sum(-1)
+    error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
+    error[((g.view(len(rows), num_classes, -1) != 0) & silent).any(-1)] = math.inf
+    best = error.min(1)
+    return x, best.indices, best.values
+
+
+def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor:
+    """Indices of the rows of x that differ (max abs difference above tol, relative to the row's scale)
+    from every earlier kept row and from `known`: one sample alone on several neurons is read once."""
+    pool = x if known is None else torch.cat([known, x])
+    offset = len(pool) - len(x)
+    scale = x.abs().amax(1).clamp_min(1.0)
+    same = (torch.cdist(x, pool, p=float("inf")) <= tol * scale[:, None]).tolist()
+    keep: list[int] = []
+    for i, row in enumerate(same):
+        if not any(row[:offset]) and not any(row[offset + j] for j in keep):
+            keep.append(i)
+    return torch.as_tensor(keep, dtype=torch.long)
+
+
+# --- GIAvMP: malicious parameters for the first fully connected layer ---------------------------------
+
+
+def fit_malicious_layer(
+    features: torch.Tensor, neurons: int, batch_size: int, per_sample: int, seed: int, pool: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and biases that leave each sample of a batch of `batch_size` alone on a few neurons.
+
+    Each neuron is a random direction whose bias puts its threshold at the 1 - 1/B quantile of the
+    auxiliary features, so it fires for one sample of a batch on average: the activation rate that
+    maximises p (1 - p)^(B - 1), the chance of a lone activation. Fitting on auxiliary data then picks,
+    from `pool` times more directions than neurons, greedily those that fire for the auxiliary samples
+    covered least so far, until each is covered `per_sample` times (samples near the data's centre fire
+    for few random directions and would otherwise never be alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(pool * neurons, features.shape[1], generator=gen)
+    directions /= directions.norm(dim=1, keepdim=True)
+    projections = features @ directions.T
+    thresholds = torch.quantile(projections, 1 - 1 / batch_size, dim=0)
+    fires = (projections > thresholds).float()
+    cover = torch.zeros(len(features))
+    chosen = torch.zeros(pool * neurons, dtype=torch.bool)
+    for _ in range(neurons):
+        need = (per_sample - cover).clamp_min(0) + 1e-3  # samples still short of per_sample lone chances
+        gain = (fires.T @ need).masked_fill(chosen, -1.0)
+        best = int(gain.argmax())
+        chosen[best] = True
+        cover += fires[:, best]
+    return directions[chosen].contiguous(), -thresholds[chosen].contiguous()
+
+
+def cached_malicious_layer(
+    features: torch.Tensor, neurons: int, batch_size: int, per_sample: int, seed: int, cache_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fit_malicious_layer, cached on disk under a key of its inputs (the auxiliary features' bytes too)."""
+    digest = hashlib.sha256(features.contiguous().numpy().tobytes())
+    digest.update(f"{neurons}-{batch_size}-{per_sample}-{seed}".encode())
+    path = Path(cache_dir) / f"giavmp-{digest.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        tensors = load(path.read_bytes())
+        return tensors["weight"], tensors["bias"]
+    weight, bias = fit_malicious_layer(features, neurons, batch_size, per_sample, seed)
+    atomic_write_bytes(path, save({"weight": weight, "bias": bias}))
+    return weight, bias
+
+
+def poison(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of `model` whose trap layer carries the malicious parameters: the model the server sends."""
+    sent = copy.deepcopy(model)
+    layer = trap_layer(sent)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return sent
+
+
+# --- Robbing the Fed: the imprint block -------------------------------------------------------------
+
+
+class ImprintBlock(nn.Module):
+    """K ReLU neurons that all measure h(x) = m . x with increasing thresholds, and a layer back to the
+    input size whose columns are all equal, so every neuron passes the same gradient back: neuron k fires
+    for h(x) > t_k, and neuron k minus neuron k + 1 isolates the samples of bin [t_k, t_k+1).
+    The block adds its output to the input, so the model behind it still sees the image."""
+
+    def __init__(self, measurement: torch.Tensor, thresholds: torch.Tensor, scale: float):
+        super().__init__()
+        size, bins = len(measurement), len(thresholds)
+        self.linear0 = nn.Linear(size, bins)
+        self.linear1 = nn.Linear(bins, size)
+        with torch.no_grad():
+            self.linear0.weight.copy_(measurement.expand(bins, size))
+            self.linear0.bias.copy_(-thresholds)
+            self.linear1.weight.fill_(scale)
+            self.linear1.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear1(F.relu(self.linear0(x.flatten(1)))).view_as(x)
+
+
+class Imprinted(nn.Module):
+    """An imprint block in front of an ordinary model."""
+
+    def __init__(self, imprint: ImprintBlock, model: nn.Module):
+        super().__init__()
+        self.imprint = imprint
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.imprint(x))
+
+
+def imprint_block(aux_images: torch.Tensor, bins: int, measurement: str, seed: int) -> ImprintBlock:
+    """Thresholds at the k/K quantiles of h on the auxiliary images (an empirical estimate of h's
+    distribution, no Gaussian assumption), the first far below every sample so each falls in some bin.
+    `measurement`: "brightness" (mean pixel) or "random" (a random unit direction).
+
+    The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
+    images: large enough for float32 readouts, small enough that the model behind it keeps working and
+    a training step stays finite (the weights of the original block made training diverge)."""
+    flat = aux_images.flatten(1)
+    if measurement == "brightness":
+        m = torch.full((flat.shape[1],), 1.0 / flat.shape[1])
+    elif measurement == "random":
+        m = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed))
+        m /= m.norm()
+    else:
+        raise UsageError(f"unknown RtF measurement '{measurement}'; choose brightness or random.")
+    h = flat @ m
+    thresholds = torch.quantile(h, torch.arange(bins) / bins)
+    thresholds[0] = h.min() - 10 * (h.max() - h.min())
+    largest = F.relu(h[:, None] - thresholds).sum(1).max()
+    return ImprintBlock(m, thresholds, scale=0.1 / float(largest))
+
+
+def bin_differences(bins: int) -> torch.Tensor:
+    """The RtF readout combinations: neuron k minus neuron k + 1 (the last bin is its own neuron)."""
+    return torch.eye(bins) - torch.diag(torch.ones(bins - 1), 1)
