@@ -1,0 +1,140 @@
+"""The server side of the threat model: attacks that see the model and a SharedUpdate, never the private batch.
+
+An attack is one entry of ATTACKS. `run` gets the model the server sent, the shared update, the input shape
+and number of classes, the study config and an `observe(iteration, images, labels, loss)` callback; the
+evaluation side (gradient_attack.py) scores what it observes against the originals, so attacks stay blind.
+A malicious server also sets `prepare`, which builds the model it sends to the client from auxiliary data.
+The helpers below (gradient distances, trajectories, the restarts loop) are shared by every attack module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defenses import SharedUpdate, trainable_parameters
+
+Observer = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """An attack's answer: images (N, *input_shape) in [0, 1], labels (N,), its final gradient-matching loss."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    loss: float
+    failed: bool = False  # every restart diverged (NaN/inf loss) or the attack could not read the update
+    failed_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack: `run(model, update, input_shape, num_classes, cfg, observe) -> Reconstruction`, and for a
+    malicious server `prepare(model_name, input_shape, num_classes, aux, cfg) -> nn.Module`, the model it
+    sends (aux: a DataSplit disjoint from the victim's images)."""
+
+    run: Callable[..., Reconstruction]
+    default_iterations: int
+    prepare: Callable[..., nn.Module] | None = None
+    description: str = ""
+
+
+ATTACKS: dict[str, Attack] = {}
+
+
+def num_reconstructed(update: SharedUpdate) -> int:
+    """How many samples stand behind the update: under secure aggregation, every client's batch."""
+    return update.batch_size * update.num_clients
+
+
+def target_gradients(update: SharedUpdate) -> tuple[torch.Tensor, ...]:
+    """The shared gradients as a mean over all the samples behind them (a sum of N clients' means is N times
+    the mean over all N*B samples), so an attack can match them with one batch's mean-loss gradient."""
+    return tuple(g / update.num_clients for g in update.gradients)
+
+
+def model_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of the mean cross-entropy for dummy data, kept differentiable so they can be matched.
+    `targets` are class indices or (soft) class probabilities."""
+    loss = F.cross_entropy(model(images), targets)
+    return torch.autograd.grad(loss, trainable_parameters(model), create_graph=True)
+
+
+def gradient_distance(dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
+    """'l2': summed squared difference (DLG); 'cosine': 1 - cosine similarity of the concatenated gradients
+    (Inverting Gradients), which ignores the scale the defenses and the unknown batch size distort."""
+    if kind == "l2":
+        return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))
+    if kind == "cosine":
+        dot = sum((d * t).sum() for d, t in zip(dummy, target, strict=True))
+        norm_d = torch.sqrt(sum(d.pow(2).sum() for d in dummy))
+        norm_t = torch.sqrt(sum(t.pow(2).sum() for t in target))
+        return 1 - dot / (norm_d * norm_t).clamp_min(1e-12)
+    raise ValueError(f"unknown gradient distance {kind!r}")
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels: the image prior of Inverting Gradients."""
+    if images.dim() != 4:
+        return images.new_zeros(())
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Detached copy in [0, 1] on the CPU, NaN as mid-grey: what the evaluation may score."""
+    return torch.nan_to_num(images.detach().float().cpu(), nan=0.5).clamp(0, 1)
+
+
+class Trajectory:
+    """The logged states of one restart: iteration 0, every `log_every`-th iteration and the last one."""
+
+    def __init__(self, iterations: int, log_every: int):
+        self.points = sorted({*range(0, iterations, log_every), iterations})
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+
+    def log(self, iteration: int, images: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
+        if iteration in self.points and (not self.records or self.records[-1][0] < iteration):
+            self.records.append((iteration, to_unit(images), labels.detach().cpu().clone(), float(loss)))
+
+    def finish(self) -> None:
+        """Repeat the last state, with NaN loss, at the points a stopped (diverged) restart never reached,
+        so every batch of a study logs the same iterations."""
+        _, images, labels, _ = self.records[-1]
+        done = {r[0] for r in self.records}
+        self.records += [(i, images, labels, math.nan) for i in self.points if i not in done]
+
+
+def best_of_restarts(
+    restarts: int,
+    attempt: Callable[[int, Trajectory], Reconstruction],
+    iterations: int,
+    log_every: int,
+    observe: Observer,
+) -> Reconstruction:
+    """Run `attempt(restart, trajectory)` `restarts` times and keep the finite-loss result with the lowest
+    gradient-matching loss; a NaN/inf loss marks that restart failed and the others go on. Only the kept
+    restart's trajectory is handed to `observe`. If every restart failed, the first is returned as failed."""
+    results = []
+    for restart in range(restarts):
+        trajectory = Trajectory(iterations, log_every)
+        rec = attempt(restart, trajectory)
+        trajectory.finish()
+        results.append((replace(rec, failed=rec.failed or not math.isfinite(rec.loss)), trajectory))
+    finished = [r for r in results if not r[0].failed]
+    best, trajectory = min(finished, key=lambda r: r[0].loss) if finished else results[0]
+    for record in trajectory.records:
+        observe(*record)
+    return replace(best, images=to_unit(best.images), failed_restarts=len(results) - len(finished))
+
+
+from attacks import optimization  # noqa: E402  (it uses the helpers above)
+
+ATTACKS.update(optimization.ATTACKS)

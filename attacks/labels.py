@@ -1,0 +1,54 @@
+"""Label recovery from the last layer's gradient, before any image is reconstructed.
+
+For softmax cross-entropy averaged over a batch of B samples, the classifier's bias gradient is
+g_c = mean_i p_ic - n_c / B, with p the predicted probabilities and n_c how many samples carry label c.
+For one sample only the true class has g_c < 0 (iDLG, Zhao et al. 2020). For a batch we count:
+n_c = B (p̄_c - g_c), with p̄ estimated from the model's mean prediction on random inputs.
+Without a bias, the weight rows play its role: their sums are g_c times the (non-negative) activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from defenses import SharedUpdate, trainable_parameters
+
+
+def last_layer_gradients(model: nn.Module, gradients: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The per-class gradient signal of the model's last Linear layer: its bias gradient, or, without a
+    bias, the row sums of its weight gradient."""
+    params = trainable_parameters(model)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad][-1]
+    index = {id(p): i for i, p in enumerate(params)}
+    if last.bias is not None:
+        return gradients[index[id(last.bias)]]
+    return gradients[index[id(last.weight)]].sum(1)
+
+
+@torch.no_grad()
+def mean_prediction(model: nn.Module, input_shape: tuple[int, ...], samples: int = 64, seed: int = 0) -> torch.Tensor:
+    """The model's average softmax over uniform random inputs: an estimate of p̄ that needs no data."""
+    device = next(model.parameters()).device
+    x = torch.rand((samples, *input_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    return model(x).softmax(1).mean(0)
+
+
+def recover_labels(
+    model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], count: int, seed: int = 0
+) -> torch.Tensor:
+    """`count` labels (sorted) behind the update. One sample: iDLG. More: every class with a negative
+    gradient holds at least one sample, and the rest go to the largest remaining B (p̄_c - g_c)."""
+    grads = tuple(g / update.num_clients for g in update.gradients)
+    signal = last_layer_gradients(model, grads).detach().cpu().double()
+    if count == 1:
+        return torch.tensor([int(signal.argmin())])
+    estimate = count * (mean_prediction(model, input_shape, seed=seed).cpu().double() - signal)
+    counts = torch.zeros_like(signal, dtype=torch.long)
+    for c in torch.argsort(signal)[:count]:
+        if signal[c] < 0:
+            counts[c] = 1
+    while counts.sum() < count:
+        c = int(torch.argmax(estimate - counts))
+        counts[c] += 1
+    return torch.repeat_interleave(torch.arange(len(signal)), counts)

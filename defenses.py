@@ -1,0 +1,255 @@
+"""The client side of the threat model: what a client shares after one local step on its private batch.
+
+`client_update` is the only function here that touches the private images; what it returns, a
+`SharedUpdate`, is all an attack (attacks/) ever sees. Every mechanism is one function in MECHANISMS,
+named on the command line as `name[:strength]` (sweeps: `name:a,b,c`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from privacy import WeightNoiseRegularizer
+from utils import UsageError
+
+Grads = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """What the server receives: gradients (one per trainable parameter, in model.parameters() order) and
+    the protocol metadata a server knows. Never the private batch."""
+
+    gradients: Grads
+    batch_size: int  # samples per client
+    lr: float
+    local_steps: int = 1
+    num_clients: int = 1  # > 1 under secure aggregation: `gradients` is the sum of this many clients' updates
+    mechanism: str = "none"  # the protocol's defense is public knowledge
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    """The training set-up a client follows, which fixes DP-SGD's noise and the regularized loss."""
+
+    max_grad_norm: float = 1.0  # DP-SGD per-sample clipping bound C
+    noise_multiplier: float = 0.0  # z; noise std on the summed gradient is z * C
+    lr: float = 0.05
+    kappa: float = 0.0  # weight of the PDP-SGD penalty, (lr * reg_sigma)^2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """One parsed `name[:strength]`; `spec` is the canonical string used in run names and tables."""
+
+    name: str
+    strength: float | None
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.strength is None else f"{self.name}:{self.strength:g}"
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def batch_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Grads:
+    """Gradient of the mean cross-entropy of one batch: the undefended update."""
+    loss = F.cross_entropy(model(images), labels)
+    return tuple(g.detach() for g in torch.autograd.grad(loss, trainable_parameters(model)))
+
+
+# --- gradient transforms (strength validated by parse_mechanisms) ------------------------------------
+
+
+def prune(grads: Grads, fraction: float) -> Grads:
+    """Zero the `fraction` of smallest-magnitude entries of each tensor (Zhu et al.'s pruning defense)."""
+    out = []
+    for g in grads:
+        k = int(fraction * g.numel())
+        flat = g.flatten().clone()
+        if k > 0:
+            flat[flat.abs().argsort()[:k]] = 0
+        out.append(flat.view_as(g))
+    return tuple(out)
+
+
+def top_k(grads: Grads, fraction: float) -> Grads:
+    """Keep the `fraction` of largest-magnitude entries of each tensor (at least one), zero the rest."""
+    out = []
+    for g in grads:
+        keep = g.abs().flatten().topk(max(1, math.ceil(fraction * g.numel()))).indices
+        flat = torch.zeros_like(g).flatten()
+        flat[keep] = g.flatten()[keep]
+        out.append(flat.view_as(g))
+    return tuple(out)
+
+
+def quantize(grads: Grads, bits: float) -> Grads:
+    """Uniform quantization of each tensor to 2^bits levels spanning its own [min, max]."""
+    levels = 2 ** int(bits) - 1
+    out = []
+    for g in grads:
+        lo, hi = g.min(), g.max()
+        scale = (hi - lo).clamp_min(torch.finfo(g.dtype).tiny) / levels
+        out.append(lo + torch.round((g - lo) / scale) * scale)
+    return tuple(out)
+
+
+def add_noise(grads: Grads, sigma: float, generator: torch.Generator) -> Grads:
+    """Additive Gaussian noise N(0, sigma^2) on every entry (no clipping, so no ε)."""
+    return tuple(g + sigma * _randn_like(g, generator) for g in grads)
+
+
+def _randn_like(g: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(g.shape, generator=generator, dtype=g.dtype).to(g.device)
+
+
+# --- mechanisms: model + private batch -> shared gradients ----------------------------------------
+
+
+def dp_sgd_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, setup: ClientSetup, generator: torch.Generator
+) -> Grads:
+    """One DP-SGD step as Opacus takes it: per-sample gradients (torch.func), each clipped to total norm
+    max_grad_norm with Opacus' factor min(1, C / (norm + 1e-6)), summed, Gaussian noise of std z * C
+    added to the sum, divided by the batch size, so the averaged gradient carries noise std z * C / B."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**p, **frozen, **buffers}, (x[None],))
+        return F.cross_entropy(out, y[None])
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, images, labels)
+    flat = [per_sample[n].flatten(1) for n in names]
+    norms = torch.cat(flat, dim=1).norm(dim=1)
+    factor = (setup.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    std = setup.noise_multiplier * setup.max_grad_norm
+    summed = [torch.einsum("b,b...->...", factor, per_sample[n]) for n in names]
+    return tuple((s + std * _randn_like(s, generator)) / len(images) for s in summed)
+
+
+def regularized_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, kappa: float) -> Grads:
+    """Gradient of cross-entropy plus the PDP-SGD weight-noise penalty, as the training study trains."""
+    reg = WeightNoiseRegularizer(model, kappa)
+    try:
+        loss = F.cross_entropy(model(images), labels) + reg.penalty()
+    finally:
+        reg.remove()
+    return tuple(g.detach() for g in torch.autograd.grad(loss, trainable_parameters(model)))
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """How one mechanism checks its strength and turns (model, batch) into shared gradients."""
+
+    apply: Callable[..., Grads]  # (model, images, labels, strength, setup, generator, others) -> gradients
+    default: float | None  # strength when the spec names none
+    check: Callable[[float], bool] | None  # None: the mechanism takes no strength
+    allowed: str  # the valid range, for error messages
+
+
+def _transform(fn: Callable[..., Grads], with_generator: bool = False) -> Callable[..., Grads]:
+    def apply(model, images, labels, strength, setup, generator, others) -> Grads:
+        grads = batch_gradients(model, images, labels)
+        return fn(grads, strength, generator) if with_generator else fn(grads, strength)
+
+    return apply
+
+
+def _secure_aggregation(model, images, labels, strength, setup, generator, others) -> Grads:
+    """The sum of the victim's update and N-1 other clients' updates (their batches are in `others`)."""
+    total = list(batch_gradients(model, images, labels))
+    for x, y in others:
+        total = [t + g for t, g in zip(total, batch_gradients(model, x, y), strict=True)]
+    return tuple(total)
+
+
+def _is_int(value: float) -> bool:
+    return float(value).is_integer()
+
+
+MECHANISMS: dict[str, Mechanism] = {
+    "none": Mechanism(lambda m, x, y, s, setup, gen, o: batch_gradients(m, x, y), None, None, "no strength"),
+    "dp-sgd": Mechanism(
+        lambda m, x, y, s, setup, gen, o: dp_sgd_gradients(m, x, y, setup, gen), None, lambda v: v > 0, "ε > 0"
+    ),
+    "regularized": Mechanism(
+        lambda m, x, y, s, setup, gen, o: regularized_gradients(m, x, y, setup.kappa), None, None, "no strength"
+    ),
+    "prune": Mechanism(_transform(prune), 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "quantize": Mechanism(_transform(quantize), 4, lambda v: v >= 1 and _is_int(v), "an integer number of bits >= 1"),
+    "noise": Mechanism(_transform(add_noise, with_generator=True), 0.01, lambda v: v >= 0, "a std sigma >= 0"),
+    "topk": Mechanism(_transform(top_k), 0.1, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "secagg": Mechanism(_secure_aggregation, 10, lambda v: v >= 2 and _is_int(v), "an integer number of clients >= 2"),
+}
+
+
+def parse_mechanisms(specs: list[str]) -> list[MechanismSpec]:
+    """Parse `name[:strength]` specs, expanding sweeps `name:a,b,c` into one spec per strength, and check
+    every strength against its mechanism's range (UsageError naming the bad value otherwise)."""
+    if not specs:
+        raise UsageError("--mechanisms is empty; name at least one, e.g. none or dp-sgd:8.")
+    parsed: list[MechanismSpec] = []
+    for spec in specs:
+        name, _, strengths = spec.partition(":")
+        if name not in MECHANISMS:
+            raise UsageError(
+                f"unknown mechanism '{name}' in '{spec}'; choose from {', '.join(MECHANISMS)} "
+                "(spec name[:strength], e.g. prune:0.2 or a sweep noise:1e-3,1e-2)."
+            )
+        mech = MECHANISMS[name]
+        if not strengths:
+            parsed.append(MechanismSpec(name, None if mech.default is None else float(mech.default)))
+            continue
+        if mech.check is None:
+            raise UsageError(f"mechanism '{name}' takes no strength, but '{spec}' gives one; write just '{name}'.")
+        for text in strengths.split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(
+                    f"strength '{text}' in '{spec}' is not a number; {name} takes {mech.allowed}."
+                ) from None
+            if not math.isfinite(value) or not mech.check(value):
+                raise UsageError(f"strength {text} in '{spec}' is out of range; {name} takes {mech.allowed}.")
+            parsed.append(MechanismSpec(name, value))
+    return list(dict.fromkeys(parsed))  # drop repeats, keep order
+
+
+def client_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mechanism: MechanismSpec,
+    setup: ClientSetup,
+    others: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> SharedUpdate:
+    """One local step of the client on its private batch, passed through `mechanism`. `others` are the
+    other clients' batches, used only by secure aggregation (N-1 of them)."""
+    mech = MECHANISMS[mechanism.name]
+    clients = int(mechanism.strength) if mechanism.name == "secagg" else 1
+    others = others or []
+    if len(others) != clients - 1:
+        raise ValueError(f"{mechanism.spec} needs {clients - 1} other clients' batches, got {len(others)}")
+    generator = torch.Generator().manual_seed(setup.seed)
+    grads = mech.apply(model, images, labels, mechanism.strength, setup, generator, others)
+    return SharedUpdate(
+        gradients=tuple(g.detach() for g in grads),
+        batch_size=len(images),
+        lr=setup.lr,
+        num_clients=clients,
+        mechanism=mechanism.spec,
+    )

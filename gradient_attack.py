@@ -1,0 +1,436 @@
+"""The leakage study: how much of a client's private batch can a server rebuild from what the client shares?
+
+    uv run gradient_attack.py                                   # LeNet on digits, 8 mechanisms, DLG
+    uv run gradient_attack.py --attacks dlg idlg --mechanisms none noise:1e-4,1e-3,1e-2 --batch-sizes 1 2 4
+    uv run gradient_attack.py --from-run runs/train/digits-lenet-dp-sgd-eps8 --mechanisms dp-sgd none
+    uv run gradient_attack.py --dataset photos --images my_photo.png --mechanisms none --attacks dlg idlg
+
+The grid is attacks x mechanisms (sweeps expanded) x batch sizes; each cell is one run in runs/attack/<run>/
+(config.json, trajectory.csv, snapshots.npz, reconstruction.png, metrics.json last) and one row of
+runs/attack/summary.csv. The client side (defenses.client_update) sees the private batch; the attack sees
+only the model and the SharedUpdate; the scoring here compares what the attack reports to the originals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import config
+import utils
+from attacks import ATTACKS, Reconstruction
+from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
+from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
+from metrics import reconstruction_scores
+from models import FrozenBackbone, create_model, load_checkpoint
+from privacy import epsilon_spent, noise_multiplier_for
+
+SUMMARY_COLUMNS = [
+    "run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon", "batch_size",
+    "num_images", "iterations", "restarts", "loss", "mse", "psnr", "ssim", "mse_std", "psnr_std", "ssim_std",
+    "label_accuracy", "success_rate", "recovered_fraction", "seconds", "seed",
+]  # fmt: skip
+RECOVERED_PSNR = 30.0  # dB from which an image counts as recovered (recovered_fraction)
+TRAIN_RUN_FILES = ("config.json", "metrics.json", "model.safetensors")
+
+
+@dataclass
+class Victim:
+    """The client's model and training set-up: a fresh architecture, or a train.py run."""
+
+    name: str
+    model: nn.Module
+    dataset: str
+    training: dict[str, Any]  # TrainConfig fields the client trained (or would train) with
+    noise_multiplier: float | None  # the DP run's own z, for `dp-sgd` without an ε
+    epsilon: float | None
+
+
+@dataclass
+class PrivateData:
+    """The private images (never handed to an attack) and where they came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: dict[str, Any]  # indices or file names, recorded in config.json
+    exclude: list[int]  # training-set indices other clients and auxiliary data must not use
+
+
+def load_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
+    """Check --from-run before anything loads, then build the victim model and its dataset."""
+    training = dataclasses.asdict(config.TrainConfig())
+    if cfg.from_run is None:
+        split = load_data(cfg, cfg.dataset)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, split.input_shape, split.num_classes, pretrained=False)
+        return Victim(cfg.model, model, cfg.dataset, training, None, None), split
+    run_dir = Path(cfg.from_run)
+    missing = [f for f in TRAIN_RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise utils.UsageError(
+            f"--from-run {run_dir} is not a finished train.py run: it lacks {', '.join(missing)}. Give a directory "
+            "such as runs/train/digits-lenet-none written by `uv run train.py` (list them with ls runs/train)."
+        )
+    run_cfg, run_metrics = utils.read_json(run_dir / "config.json"), utils.read_json(run_dir / "metrics.json")
+    if "model" not in run_cfg or "dataset" not in run_cfg:
+        raise utils.UsageError(
+            f"--from-run {run_dir}: config.json names no model or dataset; was it written by train.py?"
+        )
+    training.update({k: v for k, v in run_cfg.items() if k in training})
+    split = load_data(cfg, run_cfg["dataset"])
+    model = create_model(
+        run_cfg["model"], split.input_shape, split.num_classes, pretrained=run_cfg.get("pretrained", True)
+    )
+    if isinstance(model, FrozenBackbone):
+        raise utils.UsageError(
+            f"--from-run {run_dir} holds a {run_cfg['model']} head on a frozen backbone, whose features are computed "
+            "without gradients, so no gradient attack can reach the image; attack a lenet, cnn, mlp or fcnn run."
+        )
+    load_checkpoint(model, run_dir / "model.safetensors")
+    is_dp = run_cfg.get("privacy") == "dp-sgd"
+    z = run_metrics.get("noise_multiplier") if is_dp else None
+    eps = run_metrics.get("epsilon") if is_dp else None
+    return Victim(run_dir.name, model, run_cfg["dataset"], training, z, eps), split
+
+
+def load_data(cfg: config.AttackConfig, name: str) -> DataSplit:
+    opts = DataOptions(root=cfg.data_root, download=cfg.download, seed=cfg.seed, image_size=cfg.image_size)
+    return load_dataset(name, opts)
+
+
+def private_data(cfg: config.AttackConfig, split: DataSplit, count: int) -> PrivateData:
+    """`count` private samples: the user's files, the given indices, or a seeded draw from the training set
+    (a prefix of one permutation, so larger runs extend smaller ones)."""
+    if cfg.images:
+        images = load_image_files(cfg.images, split.input_shape)
+        labels = torch.tensor(cfg.labels or [0] * len(images))
+        bad = [y for y in labels.tolist() if not 0 <= y < split.num_classes]
+        if bad:
+            raise utils.UsageError(
+                f"--labels {bad} out of range; '{split.name}' has classes 0..{split.num_classes - 1}."
+            )
+        return PrivateData(images, labels, {"images": [str(p) for p in cfg.images]}, [])
+    n = len(split.x_train)
+    if cfg.indices:
+        bad = [i for i in cfg.indices if not 0 <= i < n]
+        if bad:
+            raise utils.UsageError(f"--indices {bad} out of range; '{split.name}' has training indices 0..{n - 1}.")
+        indices = list(cfg.indices)
+    else:
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
+    return PrivateData(split.x_train[indices], split.y_train[indices], {"indices": indices}, indices)
+
+
+def images_per_run(cfg: config.AttackConfig, batch_size: int, available: int) -> int:
+    """Whole batches only: a drawn set grows to a multiple of the batch size; a fixed set must divide."""
+    fixed = len(cfg.images) or len(cfg.indices)
+    if fixed:
+        if fixed % batch_size:
+            raise utils.UsageError(
+                f"batch size {batch_size} does not divide the {fixed} given images; give a multiple of it or drop it."
+            )
+        return fixed
+    count = math.ceil(cfg.num_images / batch_size) * batch_size
+    if count > available:
+        raise utils.UsageError(
+            f"batch size {batch_size} needs {count} images but the training set has {available}; use a smaller one."
+        )
+    return count
+
+
+def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int) -> tuple[ClientSetup, float | None]:
+    """The set-up the client shares with: for dp-sgd:EPS the accountant's noise multiplier for ε = EPS under the
+    training study's sampling (rate batch_size/N, epochs/rate steps), so larger ε means less noise; plain
+    `dp-sgd` uses the DP run's own. Returns the set-up and the accountant's ε (None without DP)."""
+    t = victim.training
+    kappa = (t["lr"] * t["reg_sigma"]) ** 2
+    base = ClientSetup(max_grad_norm=t["max_grad_norm"], lr=t["lr"], kappa=kappa, seed=seed)
+    if mech.name != "dp-sgd":
+        return base, None
+    if mech.strength is None:
+        return dataclasses.replace(base, noise_multiplier=victim.noise_multiplier), victim.epsilon
+    sample_rate = min(t["batch_size"], num_train) / num_train
+    steps = int(t["epochs"] / sample_rate)
+    z = noise_multiplier_for(mech.strength, t["delta"], sample_rate, steps, t["accountant"])
+    return dataclasses.replace(base, noise_multiplier=z), epsilon_spent(
+        z, sample_rate, steps, t["delta"], t["accountant"]
+    )
+
+
+def check_mechanisms(mechanisms: list[MechanismSpec], victim: Victim, split: DataSplit) -> None:
+    for mech in mechanisms:
+        if mech.name == "dp-sgd" and mech.strength is None and victim.noise_multiplier is None:
+            raise utils.UsageError(
+                "mechanism 'dp-sgd' without an ε needs --from-run of a DP-SGD run (it reuses that run's noise); "
+                "otherwise give the budget, e.g. dp-sgd:8."
+            )
+        if mech.name == "dp-sgd" and victim.training["delta"] >= 1 / len(split.x_train):
+            raise utils.UsageError(
+                f"dp-sgd: δ = {victim.training['delta']} is not below 1/N for the {len(split.x_train)} training "
+                f"samples of '{split.name}'; use a larger dataset."
+            )
+
+
+def run_name(victim: Victim, dataset: str, attack: str, mech: MechanismSpec, batch_size: int, seed: int) -> str:
+    return f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}-s{seed}"
+
+
+def other_clients(
+    split: DataSplit, exclude: list[int], clients: int, batch_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the other secure-aggregation clients: seeded, from the training set, never the victim's."""
+    pool = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)))
+    needed = (clients - 1) * batch_size
+    if needed > len(pool):
+        raise utils.UsageError(
+            f"secagg:{clients} at batch size {batch_size} needs {needed} other images; only {len(pool)} exist."
+        )
+    picks = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:needed]]
+    return [(split.x_train[p], split.y_train[p]) for p in picks.view(clients - 1, batch_size)]
+
+
+def aux_data(split: DataSplit, exclude: list[int]) -> DataSplit:
+    """What a malicious server may learn from: the dataset without the victim's images."""
+    keep = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)), dtype=torch.long)
+    return dataclasses.replace(split, x_train=split.x_train[keep], y_train=split.y_train[keep])
+
+
+def attack_run(
+    cfg: config.AttackConfig,
+    name: str,
+    attack_name: str,
+    mech: MechanismSpec,
+    batch_size: int,
+    victim: Victim,
+    model: nn.Module,
+    split: DataSplit,
+    data: PrivateData,
+    device: torch.device,
+    run_cfg: dict[str, Any],
+) -> dict[str, Any]:
+    """Attack every batch of the private images under one mechanism; write the run directory, metrics last."""
+    attack = ATTACKS[attack_name]
+    attack_cfg = dataclasses.replace(cfg, iterations=run_cfg["iterations"])
+    run_dir = cfg.out / name
+    utils.write_json(run_dir / "config.json", run_cfg)
+    start = time.perf_counter()
+    trajectory: list[dict[str, Any]] = []
+    snapshots: dict[int, list[torch.Tensor]] = {}
+    finals, recovered_labels, losses, failed, failed_restarts = [], [], [], 0, 0
+    setup, epsilon = client_setup(victim, mech, len(split.x_train), cfg.seed)
+    for batch in range(len(data.images) // batch_size):
+        part = slice(batch * batch_size, (batch + 1) * batch_size)
+        originals, labels = data.images[part], data.labels[part]
+        setup = dataclasses.replace(setup, seed=cfg.seed + batch)  # fresh noise for every batch
+        clients = int(mech.strength) if mech.name == "secagg" else 1
+        others = other_clients(split, data.exclude, clients, batch_size, cfg.seed + batch) if clients > 1 else []
+        to = lambda t: t.to(device)
+        update = client_update(model, to(originals), to(labels), mech, setup, [(to(x), to(y)) for x, y in others])
+        observe = make_observer(originals, labels, batch, part.start, trajectory, snapshots)
+        rec: Reconstruction = attack.run(model, update, split.input_shape, split.num_classes, attack_cfg, observe)
+        scores = reconstruction_scores(originals, rec.images)
+        order = torch.as_tensor(scores["order"])
+        finals.append(rec.images[order])
+        recovered_labels.append(rec.labels[order])
+        losses.append(rec.loss)
+        failed += rec.failed
+        failed_restarts += rec.failed_restarts
+    final = torch.cat(finals)
+    per_image = per_image_scores(data.images, final, data.labels, torch.cat(recovered_labels))
+    row = summary_row(cfg, run_cfg, per_image, losses, epsilon, time.perf_counter() - start)
+    write_run(run_dir, data, final, torch.cat(recovered_labels), trajectory, snapshots)
+    extra = {"failed_batches": failed, "failed_restarts": failed_restarts, "per_image": per_image}
+    utils.write_json(run_dir / "metrics.json", {**row, **extra})
+    return row
+
+
+def make_observer(originals, labels, batch, offset, trajectory, snapshots):
+    """The evaluation side of `observe`: match the attack's current images to the originals and score them."""
+
+    def observe(iteration: int, images: torch.Tensor, guessed: torch.Tensor, loss: float) -> None:
+        scores = reconstruction_scores(originals, images)
+        order = torch.as_tensor(scores["order"])
+        label_accuracy = float((guessed[order] == labels).float().mean())
+        for i in range(len(originals)):
+            trajectory.append(
+                {"image": offset + i, "batch": batch, "iteration": iteration, "loss": loss, "mse": scores["mse"][i],
+                 "psnr": scores["psnr"][i], "ssim": scores["ssim"][i], "label_accuracy": label_accuracy}
+            )  # fmt: skip
+        snapshots.setdefault(iteration, []).append(images[order])
+
+    return observe
+
+
+def per_image_scores(originals, final, labels, recovered) -> list[dict[str, Any]]:
+    scores = reconstruction_scores(originals, final)  # already matched per batch: the order is the identity
+    return [
+        {"image": i, "mse": scores["mse"][i], "psnr": scores["psnr"][i], "ssim": scores["ssim"][i],
+         "label_correct": bool(recovered[i] == labels[i])}
+        for i in range(len(originals))
+    ]  # fmt: skip
+
+
+def summary_row(cfg, run_cfg, per_image, losses, epsilon, seconds) -> dict[str, Any]:
+    """success_rate counts images with SSIM >= success_ssim (default 0.5): above it a digit or face is still
+    recognisable by eye, while the SSIM of an unrelated noise image stays near 0."""
+    column = lambda key: np.array([p[key] for p in per_image], dtype=float)
+    mse, psnr, ssim = column("mse"), column("psnr"), column("ssim")
+    return {
+        "run": run_cfg["run"], "victim": run_cfg["victim"], "dataset": run_cfg["dataset"], "attack": run_cfg["attack"],
+        "mechanism": run_cfg["mechanism"], "mechanism_name": run_cfg["mechanism_name"], "strength": run_cfg["strength"],
+        "epsilon": epsilon, "batch_size": run_cfg["batch_size"], "num_images": len(per_image),
+        "iterations": run_cfg["iterations"], "restarts": cfg.restarts, "loss": float(np.mean(losses)),
+        "mse": float(mse.mean()), "psnr": float(psnr.mean()), "ssim": float(ssim.mean()),
+        "mse_std": float(mse.std()), "psnr_std": float(psnr.std()), "ssim_std": float(ssim.std()),
+        "label_accuracy": float(column("label_correct").mean()),
+        "success_rate": float((ssim >= cfg.success_ssim).mean()),
+        "recovered_fraction": float((psnr >= RECOVERED_PSNR).mean()), "seconds": seconds, "seed": cfg.seed,
+    }  # fmt: skip
+
+
+def write_run(run_dir, data, final, recovered, trajectory, snapshots) -> None:
+    utils.write_csv(run_dir / "trajectory.csv", trajectory)
+    iterations = sorted(snapshots)
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        iterations=np.array(iterations),
+        snapshots=torch.stack([torch.cat(snapshots[i]) for i in iterations]).numpy().astype(np.float32),
+        originals=data.images.numpy().astype(np.float32),
+        labels=data.labels.numpy(),
+        recovered_labels=recovered.numpy(),
+    )
+    utils.atomic_write_bytes(run_dir / "snapshots.npz", buf.getvalue())
+    utils.atomic_write_bytes(run_dir / "reconstruction.png", comparison_png(data.images, final))
+
+
+def comparison_png(originals: torch.Tensor, final: torch.Tensor) -> bytes:
+    """Originals (top row) above the final reconstructions (bottom row)."""
+    n = len(originals)
+    fig = Figure(figsize=(1.4 * n, 3))
+    axes = fig.subplots(2, n, squeeze=False)
+    for row, images in enumerate((originals, final)):
+        for i, image in enumerate(images):
+            ax = axes[row][i]
+            ax.imshow(as_picture(image), cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        axes[row][0].set_title("original" if row == 0 else "reconstruction", fontsize=8, loc="left")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def as_picture(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> HxW or HxWx3 for imshow; a tabular row becomes a one-pixel-high strip."""
+    if image.dim() == 1:
+        return image[None].numpy()
+    return image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+
+
+def run_config(cfg, victim, dataset, attack, mech, batch_size, name, data: PrivateData, count: int) -> dict[str, Any]:
+    """config.json: every AttackConfig field plus this run's own identity."""
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    fields["images"] = [str(p) for p in cfg.images]
+    return {
+        **fields, "run": name, "victim": victim.name, "dataset": dataset, "attack": attack, "mechanism": mech.spec,
+        "mechanism_name": mech.name, "strength": mech.strength, "batch_size": batch_size,
+        "iterations": cfg.iterations or ATTACKS[attack].default_iterations, "num_images": count, **data.source,
+    }  # fmt: skip
+
+
+RESULT_FIELDS = ("run", "dataset", "attack", "mechanism", "batch_size", "iterations", "restarts", "num_images",
+                 "indices", "images", "labels", "seed", "success_ssim", "model", "from_run", "image_size")  # fmt: skip
+
+
+def check_finished(run_dir: Path, run_cfg: dict[str, Any]) -> None:
+    """Skip a finished run only if it was made with the same settings, else its numbers would be wrong."""
+    old = utils.read_json(run_dir / "config.json")
+    changed = [k for k in RESULT_FIELDS if old.get(k) != run_cfg.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in changed)
+        raise utils.UsageError(
+            f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or --out DIR "
+            "to keep both studies apart."
+        )
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    header = ["attack", "mechanism", "ε", "batch", "PSNR (dB)", "SSIM", "MSE", "label acc.", "success", "seconds"]
+    body = [
+        [r["attack"], r["mechanism"], _num(r["epsilon"]), r["batch_size"], f"{_num(r['psnr']):.1f} ± {_num(r['psnr_std']):.1f}",
+         f"{_num(r['ssim']):.3f} ± {_num(r['ssim_std']):.3f}", f"{_num(r['mse']):.2e}", _num(r["label_accuracy"]),
+         _num(r["success_rate"]), _num(r["seconds"])]
+        for r in rows
+    ]  # fmt: skip
+    return utils.markdown_table(header, body)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or value == "" else float(value)
+
+
+def main(args: list[str] | None = None) -> None:
+    cfg = config.parse(config.AttackConfig, args)
+    torch.set_num_threads(cfg.threads)
+    device = utils.pick_device(cfg.device)
+    mechanisms = parse_mechanisms(cfg.mechanisms)
+    victim, split = load_victim(cfg)
+    check_mechanisms(mechanisms, victim, split)
+    dataset = "user-images" if cfg.images else victim.dataset
+    counts = {b: images_per_run(cfg, b, len(split.x_train)) for b in cfg.batch_sizes}
+    data = private_data(cfg, split, max(counts.values()))
+    model = victim.model.to(device)
+    if cfg.images and not cfg.labels:
+        print(f"note: --images without --labels: every file is labelled class 0 ('{split.classes[0]}').")
+
+    grid = []
+    for attack in cfg.attacks:
+        for mech in mechanisms:
+            for batch_size in cfg.batch_sizes:
+                count = counts[batch_size]
+                name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed)
+                subset = PrivateData(
+                    data.images[:count], data.labels[:count], _prefix(data.source, count), data.exclude
+                )
+                run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset, count)
+                if utils.run_is_done(cfg.out / name) and not cfg.force:
+                    check_finished(cfg.out / name, run_cfg)
+                grid.append((attack, mech, batch_size, name, subset, run_cfg))
+
+    servers = {a: ATTACKS[a].prepare(victim.name, split.input_shape, split.num_classes, aux_data(split, data.exclude), cfg)
+               for a in cfg.attacks if ATTACKS[a].prepare}  # fmt: skip
+    rows = []
+    for attack in cfg.attacks:
+        cells = [g for g in grid if g[0] == attack]
+        for _, mech, batch_size, name, subset, run_cfg in tqdm(cells, desc=attack, unit="run"):
+            if utils.run_is_done(cfg.out / name) and not cfg.force:
+                metrics = utils.read_json(cfg.out / name / "metrics.json")
+                rows.append({k: metrics.get(k) for k in SUMMARY_COLUMNS})
+                continue
+            sent = servers.get(attack, model).to(device)
+            row = attack_run(cfg, name, attack, mech, batch_size, victim, sent, split, subset, device, run_cfg)
+            utils.upsert_summary(cfg.out / "summary.csv", row)
+            rows.append(row)
+    table = results_table(rows)
+    utils.atomic_write_text(cfg.out / "summary.md", table)
+    print(table)
+    print(f"runs in {cfg.out}/, one row each in {cfg.out / 'summary.csv'}.")
+
+
+def _prefix(source: dict[str, Any], count: int) -> dict[str, Any]:
+    return {k: v[:count] for k, v in source.items()}
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
