@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import analysis
+import results
 from utils import run_cli, upsert_summary, write_csv, write_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +35,7 @@ ATTACK_SSIM = {
     "topk:0.1": 0.6,
     "topk:0.05": 0.2,  # breaks at 0.05
 }
-BATCH_SUCCESS = {1: 1.0, 2: 0.5, 4: 0.0}  # mechanism none at three batch sizes
+BATCH_SSIM = {2: 0.5, 4: 0.3}  # mechanism none at batch sizes 2 (images at 0.52, 0.48) and 4 besides 1
 EXPECTED_BREAKS = {"noise": "0.01", "quantize": "2", "topk": "0.05", "dp-sgd": "8"}
 
 
@@ -57,7 +58,7 @@ def write_train_run(root: Path, privacy: str, target: float | None, accuracy: fl
     upsert_summary(root / "summary.csv", row)
 
 
-def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1, success_rate: float | None = None):
+def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1) -> None:
     name, _, strength = mechanism.partition(":")
     run = f"cnn-faces-dlg-{mechanism.replace(':', '-')}-b{batch_size}"
     per_image = [
@@ -70,8 +71,7 @@ def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 
     )
     row |= dict(batch_size=batch_size, num_images=2, iterations=20, restarts=1, loss=1e-3, seconds=1.0, seed=0)
     row |= dict(mse=np.mean([r["mse"] for r in per_image]), psnr=_psnr(ssim), ssim=ssim, label_accuracy=1.0)
-    success_rate = np.mean([r["ssim"] >= 0.5 for r in per_image]) if success_rate is None else success_rate
-    row |= dict(success_rate=success_rate, recovered_fraction=0.0)
+    row |= dict(success_rate=np.mean([r["ssim"] >= 0.5 for r in per_image]), recovered_fraction=0.0)
     iterations = [0, 10, 20]
     trajectory = [
         dict(
@@ -106,9 +106,8 @@ def make_runs(root: Path, train: bool = True, attack: bool = True) -> Path:
     if attack:
         for mechanism, ssim in ATTACK_SSIM.items():
             write_attack_run(root / "attack", mechanism, ssim)
-        for batch_size, success in BATCH_SUCCESS.items():
-            if batch_size > 1:
-                write_attack_run(root / "attack", "none", 0.95 - 0.3 * batch_size / 4, batch_size, success)
+        for batch_size, ssim in BATCH_SSIM.items():
+            write_attack_run(root / "attack", "none", ssim, batch_size)
     return root
 
 
@@ -185,7 +184,15 @@ def test_attack_table_carries_mean_and_spread_over_images(full_report):
     assert row["PSNR (dB)"] == f"{_psnr(0.7):.2f} ± 0.40"  # PSNR = 10 + 20 SSIM, so its std is 20 * 0.02
     assert row["Images"] == "2" and row["ε spent"] == "--"
     assert table_row(report, Mechanism="dp-sgd:8", Batch="1")["ε spent"] == "7.90"  # the accountant's, not 8
-    assert table_row(report, Mechanism="none", Batch="2")["Success rate"] == "0.500"
+    assert table_row(report, Mechanism="none", Batch="2")["Success rate (SSIM ≥ 0.5)"] == "0.500"
+    assert table_row(report, Mechanism="none", Batch="4")["Success rate (SSIM ≥ 0.5)"] == "0.000"
+    assert table_row(report, Mechanism="none", Batch="4")["Label acc."] == "1.000"
+
+
+def test_success_rate_follows_the_reports_threshold(full_report):
+    out, _ = full_report
+    table = analysis.attack_table(results.load_study(out.parent / "runs"), threshold=0.45)
+    assert table_row(table, Mechanism="none", Batch="2")["Success rate (SSIM ≥ 0.45)"] == "1.000"
 
 
 def test_breaking_points_are_found_where_the_data_put_them(full_report):
@@ -207,7 +214,7 @@ def test_breaking_points_are_found_where_the_data_put_them(full_report):
     ],
 )
 def test_breaking_point(strengths, ssim, stronger, expected):
-    assert analysis.breaking_point(np.array(strengths), np.array(ssim), stronger, 0.5) == expected
+    assert results.breaking_point(np.array(strengths), np.array(ssim), stronger, 0.5) == expected
 
 
 def test_no_runs_exits_2_naming_the_commands_to_run(tmp_path, capsys):

@@ -1,0 +1,308 @@
+"""The figures of the report, one function per figure, each plotted top to bottom. Every function writes its
+PNG(s) atomically into cfg.out and returns the Markdown that embeds them, or a one-line note saying why the
+figure was skipped (its inputs are absent), so a partial study still gets a report."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from config import AnalysisConfig
+from results import (
+    MECHANISM_ORDER,
+    PRIVACY_ORDER,
+    SCENARIO,
+    STRONGER,
+    Study,
+    mechanism_order,
+    scenario_title,
+    smallest_batch,
+)
+from utils import atomic_write_bytes
+
+STRENGTH_LABELS = {
+    "noise": "noise σ",
+    "dp-sgd": "target ε",
+    "prune": "pruned fraction",
+    "quantize": "bits per value",
+    "topk": "kept fraction (top-k)",
+    "secagg": "updates aggregated",
+    "regularized": "regularization σ",
+}
+LOG_STRENGTH = {"noise", "dp-sgd"}  # strengths that span decades
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _slug(*parts: object) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(str(p) for p in parts)).strip("_")
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int) -> str:
+    """Render to memory, then write atomically: an interrupted analysis never leaves half a PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return f"![{path.stem.replace('_', ' ')}]({path.name})\n"
+
+
+def _show(ax: plt.Axes, x: np.ndarray) -> None:
+    """One sample as a picture: (C, H, W) colour or grey, (H, W) grey, a tabular row as a one-pixel-high strip."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0, 1)
+    if x.ndim == 3:
+        x = x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
+    elif x.ndim == 1:
+        x = x[None, :]
+    aspect = "auto" if x.shape[0] == 1 else "equal"
+    ax.imshow(x, cmap="gray" if x.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _log_axis(ax: plt.Axes, values, base: int = 10) -> None:
+    """Log x with ticks at the values that were run, written plainly (8, 25, 50 rather than 10^1)."""
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(sorted(set(values)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_evolution(study: Study, cfg: AnalysisConfig, column: str, ylabel: str, name: str, leaking_only=False) -> str:
+    """A per-iteration score, one line per mechanism (median over images, interquartile band), one panel per
+    scenario. leaking_only keeps the mechanisms whose final median SSIM stays at or above the threshold."""
+    runs = smallest_batch(study.attack)
+    traj = study.trajectories.merge(runs[["run", *SCENARIO, "mechanism", "mechanism_name", "strength"]], on="run")
+    if traj.empty:
+        return "_Skipped: no attack run has a readable trajectory.csv._\n"
+    if traj[column].isna().all() or traj.ssim.isna().all():
+        return f"_Skipped: no run logged {column} and SSIM (tabular data has no SSIM: no spatial structure)._\n"
+    colors = _colors(mechanism_order(runs))
+    panels = []
+    for scenario, group in traj.groupby(SCENARIO):
+        curves = {}
+        for mech in mechanism_order(group):
+            rows = group[group.mechanism == mech]
+            curves[mech] = rows.groupby("iteration")[column].quantile([0.25, 0.5, 0.75]).unstack()
+            final_ssim = rows[rows.iteration == rows.iteration.max()].ssim.median()
+            if leaking_only and not final_ssim >= cfg.ssim_threshold:
+                del curves[mech]
+        if curves:
+            panels.append((scenario, curves))
+    if not panels:
+        return (
+            f"_Skipped: no mechanism keeps a final median SSIM ≥ {cfg.ssim_threshold}; every one stops the attack._\n"
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (scenario, curves) in zip(axes[0], panels, strict=True):
+        for mech, q in curves.items():
+            ax.plot(q.index, q[0.5], color=colors[mech], label=mech, marker="o" if len(q) == 1 else None)
+            ax.fill_between(q.index, q[0.25], q[0.75], color=colors[mech], alpha=0.2, linewidth=0)
+        if column == "ssim":
+            ax.axhline(cfg.ssim_threshold, color="grey", ls="--", lw=1, label=f"threshold {cfg.ssim_threshold}")
+        if column == "loss":
+            ax.set_yscale("log")
+        ax.set(title=scenario_title(scenario), xlabel="attack iteration", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    return _save(fig, cfg.out / f"{name}.png", cfg.dpi)
+
+
+def _representatives(study: Study) -> pd.DataFrame:
+    """One run per (scenario, mechanism) to show as pictures: the smallest batch, lowest seed, with snapshots."""
+    runs = smallest_batch(study.attack)
+    return runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*SCENARIO, "mechanism"])
+
+
+def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
+    """Per scenario: one row per image, its original first, then each mechanism's final reconstruction."""
+    reps = _representatives(study)
+    if reps.empty:
+        return "_Skipped: no attack run has a readable snapshots.npz._\n"
+    markdown = ""
+    for scenario, group in reps.groupby(SCENARIO):
+        mechs = mechanism_order(group)
+        finals, originals, others = [], None, []
+        for mech in mechs:
+            run = group[group.mechanism == mech].iloc[0]
+            with np.load(run.dir / "snapshots.npz") as npz:
+                originals = npz["originals"] if originals is None else originals
+                if npz["originals"].shape != originals.shape or not np.allclose(npz["originals"], originals):
+                    others.append(mech)  # attacked other images: a column here would compare unlike with unlike
+                else:
+                    finals.append((f"{mech}\nSSIM {run.ssim:.2f}", npz["snapshots"][-1]))
+        n = min(cfg.max_images, len(originals), *(len(f) for _, f in finals))
+        columns = [("original", originals), *finals]
+        fig, axes = plt.subplots(n, len(columns), figsize=(1.3 * len(columns), 1.3 * n + 0.8), squeeze=False)
+        for i, row in enumerate(axes):
+            for ax, (_, images) in zip(row, columns, strict=True):
+                _show(ax, images[i])
+            row[0].set_ylabel(f"image {i}", fontsize=8)
+        for ax, (label, _) in zip(axes[0], columns, strict=True):
+            ax.set_title(label, fontsize=7)
+        fig.suptitle(f"Originals vs final reconstructions: {scenario_title(scenario)}")
+        markdown += _save(fig, cfg.out / f"reconstructions_{_slug(*scenario)}.png", cfg.dpi)
+        if others:
+            markdown += f"_Left out of this grid (they attacked other images): {', '.join(others)}._\n"
+    return markdown
+
+
+def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
+    """Per scenario and mechanism: each image's original, then its reconstruction at evenly spread snapshots."""
+    reps = _representatives(study)
+    if reps.empty:
+        return "_Skipped: no attack run has a readable snapshots.npz._\n"
+    markdown = ""
+    for scenario, group in reps.groupby(SCENARIO):
+        for mech in mechanism_order(group):
+            run = group[group.mechanism == mech].iloc[0]
+            with np.load(run.dir / "snapshots.npz") as npz:
+                iterations, snapshots, originals = npz["iterations"], npz["snapshots"], npz["originals"]
+            picks = np.unique(np.linspace(0, len(iterations) - 1, min(cfg.max_snapshots, len(iterations))).round())
+            picks = picks.astype(int)
+            n = min(cfg.max_images, len(originals), snapshots.shape[1])
+            fig, axes = plt.subplots(n, 1 + len(picks), figsize=(1.5 * (1 + len(picks)), 1.5 * n + 0.6), squeeze=False)
+            for i, row in enumerate(axes):
+                _show(row[0], originals[i])
+                for ax, s in zip(row[1:], picks, strict=True):
+                    _show(ax, snapshots[s, i])
+                row[0].set_ylabel(f"image {i}", fontsize=8)
+            axes[0, 0].set_title("original", fontsize=8)
+            for ax, s in zip(axes[0, 1:], picks, strict=True):
+                ax.set_title(f"iteration {iterations[s]}", fontsize=8)
+            fig.suptitle(f"Reconstruction over iterations: {mech}, {scenario_title(scenario)}")
+            markdown += _save(fig, cfg.out / f"evolution_{_slug(*scenario, mech)}.png", cfg.dpi)
+    return markdown
+
+
+def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, value: str, by: list[str]) -> None:
+    """value against ε for DP runs (mean ± std over seeds at each target ε, placed at the ε spent), with plain
+    (ε = ∞) and regularized (no ε) training as horizontal reference lines in the same colour."""
+    if frame.empty:
+        ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
+        return
+    epsilons = []
+    for i, (key, group) in enumerate(frame.groupby(by)):
+        color, name = f"C{i}", " / ".join(str(k) for k in key)
+        dp = group[group[mode] == "dp-sgd"]
+        if not dp.empty:
+            at = dp.assign(eps=dp.epsilon.fillna(dp[target])).groupby(target)
+            mean, std = at[value].mean(), at[value].std(ddof=0)
+            ax.errorbar(at.eps.mean(), mean, yerr=std, color=color, marker="o", capsize=3, label=f"{name}: DP-SGD")
+            epsilons += list(at.eps.mean().round(1))
+        for mode_name, style, label in (("none", "--", "plain (ε = ∞)"), ("regularized", ":", "regularized (no ε)")):
+            reference = group[group[mode] == mode_name][value]
+            if not reference.empty:
+                ax.axhline(reference.mean(), color=color, ls=style, label=f"{name}: {label}")
+    if epsilons:
+        _log_axis(ax, epsilons)
+    ax.set_xlabel("ε spent (log scale; plain training has ε = ∞)")
+    ax.legend(fontsize=7)
+
+
+def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
+    """The study's question in one picture: per model, what each privacy setting costs in test accuracy (left)
+    and what it buys against the attack (final SSIM and PSNR at the same ε, right)."""
+    attack = smallest_batch(study.attack)
+    attack = attack[attack.mechanism_name.isin(PRIVACY_ORDER)]
+    models = sorted(set(study.train.model) | set(attack.victim))
+    if not models:
+        return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
+    for row, model in zip(axes, models, strict=True):
+        _privacy_panel(
+            row[0], study.train[study.train.model == model], "privacy", "target_epsilon", "accuracy", ["dataset"]
+        )
+        row[0].set(ylabel="test accuracy", title=f"{model}: utility")
+        for ax, metric, ylabel in zip(
+            row[1:], ["ssim", "psnr"], ["final SSIM (1 = exact copy)", "final PSNR (dB)"], strict=True
+        ):
+            runs = attack[attack.victim == model]
+            _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"])
+            ax.set(ylabel=ylabel, title=f"{model}: leakage ({metric.upper()})")
+        row[1].axhline(cfg.ssim_threshold, color="grey", lw=1, label=f"threshold {cfg.ssim_threshold}")
+        row[1].legend(fontsize=7)
+    return _save(fig, cfg.out / "privacy_tradeoff.png", cfg.dpi)
+
+
+def plot_sensitivity(sweeps: pd.DataFrame, breaks: pd.DataFrame, cfg: AnalysisConfig) -> str:
+    """Final SSIM (top) and PSNR (bottom) against each swept defense's strength, breaking points starred."""
+    if sweeps.empty:
+        return (
+            "_Skipped: no defense was run at several strengths; sweep them with e.g. "
+            "`uv run gradient_attack.py --mechanisms noise:1e-4,1e-3,1e-2,1e-1 prune:0.3,0.6,0.9`._\n"
+        )
+    names = [n for n in MECHANISM_ORDER if n in set(sweeps.mechanism_name)]
+    names += sorted(set(sweeps.mechanism_name) - set(names))
+    points = {
+        (*key[:3], key[3]): key[4] for key in breaks[[*SCENARIO, "mechanism_name", "point"]].itertuples(index=False)
+    }
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
+    for col, name in zip(axes.T, names, strict=True):
+        for i, (scenario, group) in enumerate(sweeps[sweeps.mechanism_name == name].groupby(SCENARIO)):
+            group = group.sort_values("strength")
+            for ax, metric in zip(col, ["ssim", "psnr"], strict=True):
+                yerr = group[f"{metric}_std"]
+                ax.errorbar(
+                    group.strength,
+                    group[metric],
+                    yerr=yerr,
+                    color=f"C{i}",
+                    marker="o",
+                    capsize=3,
+                    label=scenario_title(scenario),
+                )
+            point = points[(*scenario, name)]
+            if pd.notna(point):
+                at = group[group.strength == point]
+                for ax, metric in zip(col, ["ssim", "psnr"], strict=True):
+                    ax.plot(
+                        point, at[metric].iloc[0], "*", color="red", ms=16, zorder=5, label=f"breaking point {point:g}"
+                    )
+                    ax.axvline(point, color="red", ls=":", lw=1)
+        direction = {1: "larger is stronger", -1: "smaller is stronger"}.get(STRONGER.get(name), "direction unknown")
+        col[0].axhline(cfg.ssim_threshold, color="grey", ls="--", lw=1, label=f"threshold {cfg.ssim_threshold}")
+        col[0].set(title=f"defense: {name}", ylabel="final SSIM (mean ± std over images)")
+        col[1].set(ylabel="final PSNR (dB, mean ± std over images)")
+        for ax in col:
+            if name in LOG_STRENGTH:
+                _log_axis(ax, sweeps[sweeps.mechanism_name == name].strength)
+            ax.set_xlabel(
+                f"{STRENGTH_LABELS.get(name, 'strength')} ({direction}{', log scale' * (name in LOG_STRENGTH)})"
+            )
+            ax.legend(fontsize=7)
+    return _save(fig, cfg.out / "defense_sensitivity.png", cfg.dpi)
+
+
+def plot_batch_size(study: Study, cfg: AnalysisConfig) -> str:
+    """Attack success rate and mean final PSNR against the batch size the victim's update was computed on."""
+    runs = study.attack[study.attack.groupby([*SCENARIO, "mechanism"]).batch_size.transform("nunique") >= 2]
+    if runs.empty:
+        return "_Skipped: every attack ran at a single batch size; sweep it with `uv run gradient_attack.py --batch-sizes 1 2 4 8`._\n"
+    fig, (ax_success, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (key, group) in enumerate(runs.groupby([*SCENARIO, "mechanism"])):
+        label = f"{scenario_title(key[:3])}, {key[3]}"
+        images = study.images.merge(group[["run", "batch_size"]], on="run").groupby("batch_size")
+        success, psnr = images.ssim.apply(lambda s: (s >= cfg.ssim_threshold).mean()), images.psnr
+        ax_success.plot(success.index, success.values, color=f"C{i}", marker="o", label=label)
+        ax_psnr.errorbar(
+            psnr.mean().index, psnr.mean(), yerr=psnr.std(ddof=0), color=f"C{i}", marker="o", capsize=3, label=label
+        )
+    ax_success.set(ylabel=f"success rate (share of images with SSIM ≥ {cfg.ssim_threshold})", ylim=(-0.05, 1.05))
+    ax_psnr.set(ylabel="final PSNR (dB, mean ± std over images)")
+    for ax in (ax_success, ax_psnr):
+        _log_axis(ax, runs.batch_size, base=2)
+        ax.set_xlabel("batch size (images per shared update, log scale)")
+        ax.legend(fontsize=7)
+    return _save(fig, cfg.out / "batch_size.png", cfg.dpi)

@@ -1,0 +1,213 @@
+"""The study's results as data: reads the finished run directories under runs/ (the contracts in DESIGN.md)
+into tables, and derives what the figures and the report share: which runs compare, in which order, and where
+each defense stops the attack.
+
+A run directory without metrics.json is unfinished and skipped; one whose metrics.json is malformed is skipped,
+and one whose trajectory.csv or snapshots.npz is malformed is left out of the figures that need that file. Each
+skip is recorded with the file's name (Study.problems): one bad run never hides the rest, and nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils import UsageError, read_json
+
+TRAIN_KEYS = ["run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "accuracy", "precision", "recall"]
+TRAIN_KEYS += ["specificity", "f1", "mcc", "seed"]
+ATTACK_KEYS = ["run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon"]
+ATTACK_KEYS += ["batch_size", "num_images", "loss", "mse", "psnr", "ssim", "seed"]
+IMAGE_KEYS = ["image", "mse", "psnr", "ssim", "label_correct"]
+TRAJECTORY_COLUMNS = ["image", "iteration", "loss", "ssim"]
+SNAPSHOT_KEYS = ["iterations", "snapshots", "originals"]
+SCENARIO = ["victim", "dataset", "attack"]  # one attack on one model and dataset: figures compare within it
+
+PRIVACY_ORDER = ["none", "dp-sgd", "regularized"]
+MECHANISM_ORDER = ["none", "dp-sgd", "regularized", "noise", "prune", "quantize", "topk", "secagg"]
+# Which way "stronger" runs for each defense's strength: +1 = a larger value protects more (more noise, more
+# pruning, more clients summed), -1 = a smaller one does (a smaller ε, fewer bits, fewer coordinates kept).
+STRONGER = {"noise": 1, "prune": 1, "secagg": 1, "regularized": 1, "dp-sgd": -1, "quantize": -1, "topk": -1}
+
+
+@dataclass
+class Study:
+    """Everything the figures and tables need, read once from runs/."""
+
+    train: pd.DataFrame  # one row per finished training run (its metrics.json)
+    attack: pd.DataFrame  # one row per finished attack run (its metrics.json), plus its directory and files
+    images: pd.DataFrame  # one row per attacked image of every attack run (metrics.json's per_image)
+    trajectories: pd.DataFrame  # every readable trajectory.csv, with the run's name
+    problems: list[str] = field(default_factory=list)  # skipped runs and files, for stderr and the report
+
+
+def _run_dirs(study_dir: Path) -> list[Path]:
+    if not study_dir.is_dir():
+        return []
+    return sorted(d for d in study_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _read_metrics(run_dir: Path, keys: list[str], problems: list[str]) -> dict | None:
+    """A finished run's metrics.json, or None (with the reason in problems) when it is absent or malformed."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        problems.append(f"{run_dir}: no metrics.json (unfinished or interrupted); re-run the study to finish it.")
+        return None
+    try:
+        metrics = read_json(path)
+    except (OSError, ValueError) as err:
+        problems.append(f"{path} is not readable JSON ({err}); the run is skipped.")
+        return None
+    missing = [k for k in keys if k not in metrics] if isinstance(metrics, dict) else keys
+    if missing:
+        problems.append(f"{path} lacks {', '.join(missing)}; the run is skipped.")
+        return None
+    return metrics
+
+
+def _read_attack_run(run_dir: Path, problems: list[str]) -> dict | None:
+    """An attack run's metrics plus which of its per-iteration files are usable."""
+    metrics = _read_metrics(run_dir, [*ATTACK_KEYS, "per_image"], problems)
+    if metrics is None:
+        return None
+    per_image = metrics["per_image"]
+    if not isinstance(per_image, list) or not all(isinstance(r, dict) and set(IMAGE_KEYS) <= set(r) for r in per_image):
+        problems.append(f"{run_dir / 'metrics.json'}: per_image must list {{{', '.join(IMAGE_KEYS)}}}; skipped.")
+        return None
+    snapshots = run_dir / "snapshots.npz"
+    try:
+        with np.load(snapshots) as npz:
+            lacking = [k for k in SNAPSHOT_KEYS if k not in npz.files]
+        trouble = f"lacks {', '.join(lacking)}" if lacking else ""
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        trouble = f"is unreadable ({err})"
+    if trouble:
+        problems.append(f"{snapshots} {trouble}; the reconstruction figures leave this run out.")
+    return metrics | {"dir": run_dir, "has_snapshots": not trouble}
+
+
+def _read_trajectory(run: str, run_dir: Path, problems: list[str]) -> pd.DataFrame | None:
+    path = run_dir / "trajectory.csv"
+    try:
+        frame = pd.read_csv(path)
+        missing = [c for c in TRAJECTORY_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        frame = frame.astype({c: float for c in TRAJECTORY_COLUMNS})
+    except (OSError, ValueError) as err:  # pandas' parse errors are ValueErrors
+        problems.append(f"{path} is unusable ({err}); the evolution figures leave this run out.")
+        return None
+    return frame.assign(run=run)
+
+
+def load_study(runs: Path) -> Study:
+    """Read every finished run under runs/train and runs/attack; UsageError when there is none at all."""
+    problems: list[str] = []
+    train = [m for d in _run_dirs(runs / "train") if (m := _read_metrics(d, TRAIN_KEYS, problems))]
+    attack = [m for d in _run_dirs(runs / "attack") if (m := _read_attack_run(d, problems))]
+    if not train and not attack:
+        skipped = f" Skipped: {' '.join(problems)}" if problems else ""
+        raise UsageError(
+            f"no finished runs under '{runs}' (looked for {runs}/train/*/metrics.json and "
+            f"{runs}/attack/*/metrics.json). Run the studies first: `uv run train.py` (classification benchmark), "
+            f"then `uv run gradient_attack.py` (leakage study); or point --runs at the folder that holds their "
+            f"train/ and attack/ folders.{skipped}"
+        )
+    images = [{"run": m["run"], **{k: r[k] for k in IMAGE_KEYS}} for m in attack for r in m["per_image"]]
+    trajectories = [t for m in attack if (t := _read_trajectory(m["run"], m["dir"], problems)) is not None]
+    numeric = ["target_epsilon", "epsilon", "strength", "batch_size", "num_images", "mse", "psnr", "ssim"]
+    train_frame = pd.DataFrame(train, columns=TRAIN_KEYS)
+    attack_frame = pd.DataFrame(attack, columns=[*ATTACK_KEYS, "dir", "has_snapshots"])
+    for frame in (train_frame, attack_frame):
+        cols = [c for c in numeric if c in frame.columns]
+        frame[cols] = frame[cols].apply(pd.to_numeric, errors="coerce")
+    return Study(
+        train=train_frame,
+        attack=attack_frame,
+        images=pd.DataFrame(images, columns=["run", *IMAGE_KEYS]).astype({k: float for k in IMAGE_KEYS}),
+        trajectories=pd.concat(trajectories) if trajectories else pd.DataFrame(columns=["run", *TRAJECTORY_COLUMNS]),
+        problems=problems,
+    )
+
+
+def smallest_batch(attack: pd.DataFrame) -> pd.DataFrame:
+    """Each scenario's runs at its smallest batch size: curves across mechanisms compare like with like (batch
+    size has a figure of its own)."""
+    return attack[attack.batch_size == attack.groupby(SCENARIO).batch_size.transform("min")]
+
+
+def mechanism_order(frame: pd.DataFrame) -> list[str]:
+    """Mechanism specs in reading order: no defense first, then each defense from its weakest to strongest."""
+    rank = {name: i for i, name in enumerate(MECHANISM_ORDER)}
+
+    def key(row) -> tuple:
+        strength = row.strength if pd.notna(row.strength) else -np.inf
+        return (
+            rank.get(row.mechanism_name, len(rank)),
+            row.mechanism_name,
+            STRONGER.get(row.mechanism_name, 1) * strength,
+        )
+
+    return [row.mechanism for row in sorted(frame.drop_duplicates("mechanism").itertuples(), key=key)]
+
+
+def scenario_title(scenario: tuple) -> str:
+    victim, dataset, attack = scenario
+    return f"{attack} on {victim} ({dataset})"
+
+
+def sweep_table(study: Study) -> pd.DataFrame:
+    """Final SSIM and PSNR (mean and std over images, pooled across seeds) per scenario, defense and strength,
+    for the defenses run at two or more strengths."""
+    runs = smallest_batch(study.attack)
+    runs = runs[runs.strength.notna() & (runs.mechanism_name != "none")]
+    runs = runs[runs.groupby([*SCENARIO, "mechanism_name"]).strength.transform("nunique") >= 2]
+    pooled = study.images.merge(runs[["run", *SCENARIO, "mechanism_name", "strength"]], on="run")
+    population_std = lambda s: s.std(ddof=0)
+    stats = pooled.groupby([*SCENARIO, "mechanism_name", "strength"]).agg(
+        ssim=("ssim", "mean"),
+        ssim_std=("ssim", population_std),
+        psnr=("psnr", "mean"),
+        psnr_std=("psnr", population_std),
+    )
+    return stats.reset_index()
+
+
+def breaking_point(strengths: np.ndarray, ssim: np.ndarray, stronger: int, threshold: float) -> float | None:
+    """The weakest strength from which on every stronger one keeps the final SSIM below the threshold (a single
+    dip below the line on a noisy curve is not a break); None when the strongest one tested still leaks."""
+    order = np.argsort(stronger * np.asarray(strengths, dtype=float))  # weakest first
+    point = None
+    for i in order[::-1]:
+        if not ssim[i] < threshold:
+            break
+        point = float(strengths[i])
+    return point
+
+
+def breaking_points(sweeps: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """One row per swept (scenario, defense): its strengths weakest first, their SSIMs and the breaking point."""
+    rows = []
+    for (*scenario, name), group in sweeps.groupby([*SCENARIO, "mechanism_name"]):
+        stronger = STRONGER.get(name)
+        group = group.sort_values("strength", ascending=stronger != -1)
+        point = breaking_point(group.strength.values, group.ssim.values, stronger, threshold) if stronger else None
+        ssim_at = group.ssim[group.strength == point].iloc[0] if point is not None else np.nan
+        rows.append(
+            dict(
+                zip(SCENARIO, scenario, strict=True),
+                mechanism_name=name,
+                stronger=stronger,
+                point=point,
+                ssim_at=ssim_at,
+            )
+            | {"strengths": group.strength.tolist(), "ssims": group.ssim.tolist()}
+        )
+    return pd.DataFrame(
+        rows, columns=[*SCENARIO, "mechanism_name", "stronger", "point", "ssim_at", "strengths", "ssims"]
+    )
