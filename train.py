@@ -1,0 +1,296 @@
+"""The training study: every model of TrainConfig under every privacy mode on one dataset.
+
+    uv run train.py                                   # cnn on faces: none, dp-sgd at ε 8/25/50, regularized
+    uv run train.py --dataset digits --models cnn resnet50 --epochs 20
+
+Each run writes runs/train/<run>/ (config.json, history.csv, model.safetensors, metrics.json last) and one
+row of runs/train/summary.csv; the study ends with the benchmark table, printed and written to summary.md.
+The loop is an ordinary PyTorch loop; DP-SGD is a thin Opacus layer over it (privacy.make_private), and a
+frozen backbone's head trains on features computed once per split (the feature cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+import config
+import utils
+from data_sources import DataOptions, DataSplit, load_dataset
+from metrics import classification_metrics
+from models import FrozenBackbone, compute_features, create_model, save_checkpoint, trainable_module
+from privacy import WeightNoiseRegularizer, make_private
+
+SUMMARY_COLUMNS = [
+    "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
+    "max_grad_norm", "sample_rate", "steps", "epochs", "accuracy", "precision", "recall", "specificity",
+    "f1", "mcc", "train_seconds", "samples_per_second", "seed",
+]  # fmt: skip
+# Opacus' advice for production runs and a PyTorch note on its backward hooks: noise, not news, on every run.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+# Config fields that do not change a run's numbers: a finished run with other values here is still valid.
+NOT_RESULT_FIELDS = {"models", "epsilons", "out", "force", "device", "download", "data_root", "feature_cache"}
+
+
+@dataclass
+class Run:
+    """One cell of the study grid."""
+
+    name: str
+    model: str
+    privacy: str  # none | dp-sgd | regularized
+    target_epsilon: float | None = None
+
+
+def study_runs(cfg: config.TrainConfig, dataset: str) -> list[Run]:
+    """The grid models x privacy modes (x ε for dp-sgd), in the order the table shows them."""
+    runs = []
+    for model in cfg.models:
+        for mode in cfg.privacy:
+            if mode == "dp-sgd":
+                runs += [Run(f"{dataset}-{model}-dp-sgd-eps{eps:g}", model, mode, eps) for eps in cfg.epsilons]
+            else:
+                runs.append(Run(f"{dataset}-{model}-{mode}", model, mode))
+    return runs
+
+
+def run_config(cfg: config.TrainConfig, run: Run) -> dict[str, Any]:
+    """config.json: every TrainConfig field, with this run's own model, privacy and target ε."""
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    return {**fields, "run": run.name, "model": run.model, "privacy": run.privacy, "target_epsilon": run.target_epsilon}
+
+
+def check_finished_run(run_dir: Path, run_cfg: dict[str, Any]) -> None:
+    """A finished run is skipped only if it was made with the same settings; otherwise its numbers would
+    silently stand for a different experiment."""
+    old = utils.read_json(run_dir / "config.json")
+    changed = [k for k, v in run_cfg.items() if k not in NOT_RESULT_FIELDS and old.get(k) != v]
+    if changed:
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg[k]!r}" for k in changed)
+        raise utils.UsageError(
+            f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or "
+            "--out DIR to keep both studies apart."
+        )
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches from a seeded generator: same seed, same batches (Opacus keeps the generator when it
+    swaps in Poisson sampling)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+@torch.no_grad()
+def predict(
+    module: nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Predicted labels of the whole split, in batches, in eval mode."""
+    module.eval()
+    preds = [module(prepare(x[i : i + 256].to(device))).argmax(1).cpu() for i in range(0, len(x), 256)]
+    return torch.cat(preds)
+
+
+def fit(
+    cfg: config.TrainConfig,
+    run: Run,
+    module: nn.Module,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    data: DataSplit,
+    device: torch.device,
+    history_path: Path,
+) -> dict[str, Any]:
+    """Train `module` on prepare(x) for cfg.epochs under run.privacy and return its metrics; the per-epoch
+    history is rewritten to history_path after every epoch, so an interrupted run shows how far it got.
+
+    `prepare` is the identity for ordinary models and cached features, or the frozen backbone's feature
+    extractor in the naive head-only loop: only the trainable module is optimised (and, under DP, wrapped).
+    `data` holds what prepare takes (images, or features from the cache).
+    """
+    utils.seed_everything(cfg.seed)
+    module.to(device)
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9)
+    loader = make_loader(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
+    engine, regularizer = None, None
+    if run.privacy == "dp-sgd":
+        engine, module, optimizer, loader = make_private(
+            module, optimizer, loader, target_epsilon=run.target_epsilon, delta=cfg.delta, epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, seed=cfg.seed,
+        )  # fmt: skip
+    elif run.privacy == "regularized":
+        regularizer = WeightNoiseRegularizer(module, kappa=(cfg.lr * cfg.reg_sigma) ** 2)
+    epsilon = (lambda: engine.get_epsilon(cfg.delta)) if engine else (lambda: None)
+
+    history, steps, samples, train_seconds = [], 0, 0, 0.0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=run.name, unit="epoch", leave=False)
+    try:
+        for epoch in bar:
+            module.train()
+            start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            for x, y in loader:
+                x, y = prepare(x.to(device)), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = module(x)
+                loss = F.cross_entropy(logits, y)
+                objective = loss + regularizer.penalty() if regularizer else loss
+                objective.backward()
+                optimizer.step()
+                steps += 1
+                if len(y):  # Poisson sampling can draw an empty batch: a step, but nothing to log
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+            train_seconds += time.perf_counter() - start
+            samples += seen
+            test_acc = (predict(module, prepare, data.x_test, device) == data.y_test).float().mean().item()
+            row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+            history.append({**row, "test_accuracy": test_acc, "epsilon": epsilon()})
+            utils.write_csv(history_path, history)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{test_acc:.3f}", eps=history[-1]["epsilon"] or "-")
+    except KeyboardInterrupt:
+        if engine:
+            print(f"\n{run.name} stopped after {steps} steps: ε spent so far = {epsilon():.3f} (δ = {cfg.delta}).")
+        raise
+    finally:
+        bar.close()
+        if regularizer:
+            regularizer.remove()
+
+    scores = classification_metrics(data.y_test, predict(module, prepare, data.x_test, device), data.num_classes)
+    dp = engine is not None
+    metrics = {
+        "run": run.name, "dataset": data.name, "model": run.model, "privacy": run.privacy,
+        "target_epsilon": run.target_epsilon, "epsilon": epsilon(), "delta": cfg.delta if dp else None,
+        "noise_multiplier": optimizer.noise_multiplier if dp else None,
+        "max_grad_norm": cfg.max_grad_norm if dp else None, "sample_rate": loader.sample_rate if dp else None,
+        "steps": steps, "epochs": cfg.epochs, **scores, "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds, "seed": cfg.seed,
+        "kappa": (cfg.lr * cfg.reg_sigma) ** 2 if regularizer else None, "accountant": cfg.accountant if dp else None,
+    }  # fmt: skip
+    return metrics
+
+
+def fresh_model(template: nn.Module) -> nn.Module:
+    """An untrained copy of the template for one run, so every privacy mode starts from the same weights.
+    A frozen backbone is never trained, so it is shared rather than copied."""
+    memo = {id(template.backbone): template.backbone} if isinstance(template, FrozenBackbone) else {}
+    return copy.deepcopy(template, memo)
+
+
+def head_inputs(
+    cfg: config.TrainConfig, template: nn.Module, data: DataSplit, device: torch.device
+) -> tuple[DataSplit, Callable[[torch.Tensor], torch.Tensor], float]:
+    """What the trainable module trains on: the frozen backbone's features computed once per split (the
+    feature cache), else the images, with the backbone run in every step when the cache is off.
+    Returns the split, the per-batch transform and the seconds the cache took."""
+    if not isinstance(template, FrozenBackbone):
+        return data, nn.Identity(), 0.0
+    if not cfg.feature_cache:
+        return data, template.features, 0.0
+    start = time.perf_counter()
+    features = dataclasses.replace(
+        data,
+        x_train=compute_features(template, data.x_train, device),
+        x_test=compute_features(template, data.x_test, device),
+    )
+    return features, nn.Identity(), time.perf_counter() - start
+
+
+def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics.get(k) for k in SUMMARY_COLUMNS}
+
+
+MODEL_TITLES = {
+    "cnn": "Convolutional Neural Network (custom CNN)",
+    "lenet": "LeNet (DLG)",
+    "mlp": "Multilayer Perceptron",
+    "fcnn": "Fully Connected Network",
+    "resnet50": "Pretrained ResNet50 (fine-tuning only the classification head)",
+    "dinov2": "Pretrained DINOv2 with registers (ViT-S/14, fine-tuning only the classification head)",
+}
+PRIVACY_ORDER = {"none": 0, "dp-sgd": 1, "regularized": 2}
+
+
+def benchmark_table(rows: list[dict[str, Any]]) -> str:
+    """The seed study's benchmark table from summary rows (summary.csv dicts, strings or numbers): one block
+    per dataset and model; Traditional Training (ε ∞), DP-SGD per target ε, Explicit Regularization (no
+    formal ε, so '--'), with the test metrics and the ε the accountant reports as spent."""
+    header = ["Model", "ε", "Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC", "ε spent"]
+    blocks: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        blocks.setdefault((row["dataset"], row["model"]), []).append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for (dataset, model), block in blocks.items():
+        lines.append(f"| **{MODEL_TITLES.get(model, model)} on {dataset}** " + "|" * len(header))
+        block.sort(key=lambda r: (PRIVACY_ORDER.get(r["privacy"], 3), float(r["target_epsilon"] or 0)))
+        for r in block:
+            if r["privacy"] == "none":
+                label, eps, spent = "Traditional Training", "∞", "∞"
+            elif r["privacy"] == "dp-sgd":
+                eps = f"{float(r['target_epsilon']):g}"
+                label, spent = f"DP-SGD (ε={eps})", float(r["epsilon"])
+            else:
+                label, eps, spent = "Explicit Regularization", "--", "--"
+            scores = [float(r[k]) for k in ("accuracy", "precision", "recall", "specificity", "f1", "mcc")]
+            lines.append("| " + " | ".join(utils.format_number(v) for v in [label, eps, *scores, spent]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: list[str] | None = None) -> None:
+    cfg = config.parse(config.TrainConfig, args)
+    device = utils.pick_device(cfg.device)
+    opts = DataOptions(cfg.data_root, cfg.download, cfg.seed, cfg.test_fraction, cfg.image_size)
+    data = load_dataset(cfg.dataset, opts)
+    if len(data.y_test) == 0:
+        raise utils.UsageError(f"dataset '{cfg.dataset}' has no test split (it is meant for attacks); train on faces.")
+    cfg.validate_data(len(data.y_train))
+    utils.seed_everything(cfg.seed)
+    templates = {name: create_model(name, data.input_shape, data.num_classes, cfg.pretrained) for name in cfg.models}
+    runs = study_runs(cfg, data.name)
+    for run in runs:  # every check before any training
+        run_dir = cfg.out / run.name
+        if utils.run_is_done(run_dir) and not cfg.force:
+            check_finished_run(run_dir, run_config(cfg, run))
+
+    summary = cfg.out / "summary.csv"
+    inputs: dict[str, tuple] = {}
+    for run in runs:
+        run_dir = cfg.out / run.name
+        if utils.run_is_done(run_dir) and not cfg.force:
+            print(f"{run.name}: finished already, skipped (--force redoes it)")
+            utils.upsert_summary(summary, summary_row(utils.read_json(run_dir / "metrics.json")))
+            continue
+        template = templates[run.model]
+        if run.model not in inputs:
+            inputs[run.model] = head_inputs(cfg, template, data, device)
+        split, prepare, feature_seconds = inputs[run.model]
+        utils.write_json(run_dir / "config.json", run_config(cfg, run))
+        model = fresh_model(template)
+        metrics = fit(cfg, run, trainable_module(model), prepare, split, device, run_dir / "history.csv")
+        save_checkpoint(model, run_dir / "model.safetensors")
+        metrics["feature_seconds"] = feature_seconds
+        utils.upsert_summary(summary, summary_row(metrics))
+        utils.write_json(run_dir / "metrics.json", metrics)
+        eps = f", ε spent {metrics['epsilon']:.2f}" if metrics["epsilon"] is not None else ""
+        print(f"{run.name}: accuracy {metrics['accuracy']:.3f}, MCC {metrics['mcc']:.3f}{eps}")
+
+    table = benchmark_table(utils.read_csv(summary))
+    utils.atomic_write_text(cfg.out / "summary.md", table)
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
