@@ -168,8 +168,18 @@ def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int)
     )
 
 
-def check_mechanisms(mechanisms: list[MechanismSpec], victim: Victim, split: DataSplit) -> None:
+def check_mechanisms(
+    mechanisms: list[MechanismSpec], victim: Victim, split: DataSplit, batch_sizes: list[int], excluded: int
+) -> None:
+    """What the mechanisms need from the victim and the data, checked before any run starts."""
     for mech in mechanisms:
+        if mech.name == "secagg":
+            needed, available = (int(mech.strength) - 1) * max(batch_sizes), len(split.x_train) - excluded
+            if needed > available:
+                raise utils.UsageError(
+                    f"{mech.spec} at batch size {max(batch_sizes)} needs {needed} other clients' images but "
+                    f"'{split.name}' has only {available} besides the victim's; use fewer clients or smaller batches."
+                )
         if mech.name == "dp-sgd" and mech.strength is None and victim.noise_multiplier is None:
             raise utils.UsageError(
                 "mechanism 'dp-sgd' without an ε needs --from-run of a DP-SGD run (it reuses that run's noise); "
@@ -191,12 +201,8 @@ def other_clients(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of the other secure-aggregation clients: seeded, from the training set, never the victim's."""
     pool = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)))
-    needed = (clients - 1) * batch_size
-    if needed > len(pool):
-        raise utils.UsageError(
-            f"secagg:{clients} at batch size {batch_size} needs {needed} other images; only {len(pool)} exist."
-        )
-    picks = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:needed]]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    picks = pool[order[: (clients - 1) * batch_size]]
     return [(split.x_train[p], split.y_train[p]) for p in picks.view(clients - 1, batch_size)]
 
 
@@ -386,10 +392,10 @@ def main(args: list[str] | None = None) -> None:
     device = utils.pick_device(cfg.device)
     mechanisms = parse_mechanisms(cfg.mechanisms)
     victim, split = load_victim(cfg)
-    check_mechanisms(mechanisms, victim, split)
     dataset = "user-images" if cfg.images else victim.dataset
     counts = {b: images_per_run(cfg, b, len(split.x_train)) for b in cfg.batch_sizes}
     data = private_data(cfg, split, max(counts.values()))
+    check_mechanisms(mechanisms, victim, split, cfg.batch_sizes, len(data.exclude))
     model = victim.model.to(device)
     if cfg.images and not cfg.labels:
         print(f"note: --images without --labels: every file is labelled class 0 ('{split.classes[0]}').")
