@@ -323,3 +323,53 @@ def imprint_block(aux_images: torch.Tensor, bins: int, measurement: str, seed: i
 def bin_differences(bins: int) -> torch.Tensor:
     """The RtF readout combinations: neuron k minus neuron k + 1 (the last bin is its own neuron)."""
     return torch.eye(bins) - torch.diag(torch.ones(bins - 1), 1)
+
+
+# --- the attacks: what the server sends, and what it reads back ---------------------------------------
+
+
+def giavmp_model(
+    model: nn.Module, aux_images: torch.Tensor, batch_size: int, per_sample: int, seed: int, cache_dir: Path
+) -> nn.Module:
+    """The poisoned model GIAvMP sends: malicious first FC layer fitted on the auxiliary images' inputs to it."""
+    neurons = trap_layer(model).out_features
+    weight, bias = cached_malicious_layer(
+        layer_inputs(model, aux_images), neurons, batch_size, per_sample, seed, cache_dir
+    )
+    return poison(model, weight, bias)
+
+
+def rtf_model(model: nn.Module, aux_images: torch.Tensor, bins: int, measurement: str, seed: int) -> Imprinted:
+    """The model RtF sends: an imprint block of `bins` bins in front of the honest model."""
+    return Imprinted(imprint_block(aux_images, bins, measurement, seed), copy.deepcopy(model))
+
+
+def read_update(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int) -> TrapReadout:
+    """Read the samples off the update of a model the server sent: bins for an imprint, neurons otherwise.
+    Under secure aggregation the update sums several clients' mean gradients, read as one larger batch."""
+    grad_w, grad_b = trap_gradients(model, update)
+    combos = bin_differences(len(grad_b)) if isinstance(model, Imprinted) else None
+    batch = update.batch_size * update.num_clients
+    scale = 1.0 / update.num_clients
+    return read_trap(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos)
+
+
+def readout_images(readout: TrapReadout, count: int, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` images in [0, 1] from a pixel-space readout, exact ones first; mid-grey where it has too few."""
+    images = torch.full((count, *input_shape), 0.5)
+    labels = torch.zeros(count, dtype=torch.long)
+    n = min(count, len(readout.inputs))
+    images[:n] = readout.inputs[:n].view(n, *input_shape).clamp(0, 1)
+    labels[:n] = readout.labels[:n]
+    return images, labels
+
+
+@torch.no_grad()
+def detect_poisoning(
+    honest: nn.Module, sent: nn.Module, images: torch.Tensor, labels: torch.Tensor, max_drop: float = 0.1
+) -> dict[str, float | bool]:
+    """The client's side: accuracy of the received model next to the honest one on its own held-out data,
+    and a simple detector that flags the received model when accuracy falls by more than `max_drop`."""
+    honest_acc = float((honest(images).argmax(1) == labels).float().mean())
+    sent_acc = float((sent(images).argmax(1) == labels).float().mean())
+    return {"honest_accuracy": honest_acc, "received_accuracy": sent_acc, "flagged": honest_acc - sent_acc > max_drop}

@@ -1,0 +1,142 @@
+"""Malicious-server attacks (attacks/analytic.py): exact readouts, collisions, DP, disjoint aux data, no NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attacks import analytic
+from data_sources import DataOptions, load_dataset
+from defenses import ClientSetup, MechanismSpec, client_update
+from metrics import reconstruction_scores
+from models import MLP, create_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", DataOptions())
+
+
+def _attack(sent, images, labels, num_classes, setup=None, mechanism="none"):
+    update = client_update(sent, images, labels, MechanismSpec(mechanism, None), setup or ClientSetup())
+    readout = analytic.read_update(sent, update, tuple(images.shape[1:]), num_classes)
+    recs, rec_labels = analytic.readout_images(readout, len(images), tuple(images.shape[1:]))
+    return readout, recs, rec_labels
+
+
+def _matched_error(originals, recs):
+    order = torch.as_tensor(reconstruction_scores(originals, recs)["order"])
+    return (recs[order] - originals).abs().flatten(1).amax(1)
+
+
+def test_giavmp_recovers_a_batch_exactly(digits, tmp_path):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, digits.num_classes, hidden=256)
+    sent = analytic.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
+    images, labels = digits.x_test[:8], digits.y_test[:8]
+    readout, recs, rec_labels = _attack(sent, images, labels, digits.num_classes)
+    assert readout.exact == 8
+    assert _matched_error(images, recs).max() < 1e-4
+    order = torch.as_tensor(reconstruction_scores(images, recs)["order"])
+    assert torch.equal(rec_labels[order], labels)  # each exact readout also names its label
+    assert readout.unexplained < 1e-4
+
+
+def test_giavmp_layer_is_fitted_on_aux_data_only_and_cached(digits, tmp_path):
+    model = MLP(digits.input_shape, digits.num_classes, hidden=64)
+    aux, victim = digits.x_train, digits.x_test
+    assert not (torch.cdist(victim.flatten(1), aux.flatten(1)).amin(1) == 0).any()  # the splits are disjoint
+    first = analytic.giavmp_model(model, aux, 8, 2, 0, tmp_path)
+    assert len(list(tmp_path.glob("giavmp-*.safetensors"))) == 1
+    again = analytic.giavmp_model(model, aux, 8, 2, 0, tmp_path)  # read back from the cache
+    assert torch.equal(analytic.trap_layer(first).weight, analytic.trap_layer(again).weight)
+    # The fit sees only its inputs: adding the victim's images would change it (and the cache key).
+    other = analytic.giavmp_model(model, torch.cat([aux, victim]), 8, 2, 0, tmp_path)
+    assert len(list(tmp_path.glob("giavmp-*.safetensors"))) == 2
+    assert not torch.equal(analytic.trap_layer(first).bias, analytic.trap_layer(other).bias)
+    # Each neuron fires for about 1/B of the auxiliary samples, the rate that maximises lone activations.
+    fires = (
+        analytic.layer_inputs(first, aux) @ analytic.trap_layer(first).weight.T + analytic.trap_layer(first).bias
+    ) > 0
+    assert abs(fires.float().mean().item() - 1 / 8) < 0.01
+
+
+def _bins(sent, images):
+    """The bin of each image: how many of the imprint's neurons it fires, minus one."""
+    with torch.no_grad():
+        return (sent.imprint.linear0(images.flatten(1)) > 0).sum(1) - 1
+
+
+def test_rtf_recovers_samples_alone_in_their_bins(digits):
+    torch.manual_seed(0)
+    model = create_model("lenet", digits.input_shape, digits.num_classes)
+    sent = analytic.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0)
+    bins = _bins(sent, digits.x_test)
+    _, first = np.unique(bins.numpy(), return_index=True)
+    pick = torch.as_tensor(first[:12])  # twelve samples in twelve different bins
+    readout, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
+    assert readout.exact == 12 and readout.collisions == 0
+    assert _matched_error(digits.x_test[pick], recs).max() < 1e-4
+
+
+def test_rtf_reports_collisions_and_does_not_count_them(digits):
+    torch.manual_seed(0)
+    model = create_model("lenet", digits.input_shape, digits.num_classes)
+    sent = analytic.rtf_model(model, digits.x_train, bins=32, measurement="random", seed=1)
+    bins = _bins(sent, digits.x_test).numpy()
+    values, first, counts = np.unique(bins, return_index=True, return_counts=True)
+    shared = int(values[counts >= 2][0])
+    pair = np.flatnonzero(bins == shared)[:2]  # two samples in one bin
+    alone = [i for v, i in zip(values, first, strict=True) if v != shared][:6]
+    pick = torch.as_tensor([*pair, *alone])
+    images = digits.x_test[pick]
+    readout, recs, _ = _attack(sent, images, digits.y_test[pick], digits.num_classes)
+    assert readout.exact == 6 and readout.collisions == 1
+    psnr = np.array(reconstruction_scores(images, recs)["psnr"])
+    assert (psnr[2:] > 60).all() and (psnr[:2] < 30).all()  # the pair is not counted as recovered
+
+
+def test_dp_noise_destroys_the_readout(digits, tmp_path):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, digits.num_classes, hidden=256)
+    sent = analytic.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
+    images, labels = digits.x_test[:8], digits.y_test[:8]
+    setup = ClientSetup(max_grad_norm=1.0, noise_multiplier=1.0)
+    readout, recs, _ = _attack(sent, images, labels, digits.num_classes, setup, mechanism="dp-sgd")
+    assert readout.exact == 0
+    assert np.mean(reconstruction_scores(images, recs)["psnr"]) < 20
+
+
+@pytest.mark.parametrize("name", ["fcnn", "cnn", "lenet"])
+def test_imprint_keeps_the_victims_training_step_finite(digits, name):
+    torch.manual_seed(0)
+    model = create_model(name, digits.input_shape, digits.num_classes)
+    sent = analytic.rtf_model(model, digits.x_train, bins=128, measurement="brightness", seed=0)
+    with torch.no_grad():  # the block shifts pixels by at most 0.1, so the model behind it still sees the images
+        assert (sent.imprint(digits.x_train) - digits.x_train).abs().max().item() <= 0.1 + 1e-5
+    optimizer = torch.optim.SGD(sent.parameters(), lr=0.1)
+    for step in range(5):
+        x, y = digits.x_test[step * 32 : (step + 1) * 32], digits.y_test[step * 32 : (step + 1) * 32]
+        loss = F.cross_entropy(sent(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in sent.parameters())
+
+
+def test_detector_flags_a_poisoned_trained_model(digits, tmp_path):
+    torch.manual_seed(0)
+    honest = MLP(digits.input_shape, digits.num_classes, hidden=256)
+    optimizer = torch.optim.Adam(honest.parameters(), lr=1e-3)
+    for _ in range(60):
+        loss = F.cross_entropy(honest(digits.x_train), digits.y_train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sent = analytic.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
+    verdict = analytic.detect_poisoning(honest, sent, digits.x_test, digits.y_test)
+    assert verdict["honest_accuracy"] > 0.8 and verdict["flagged"]
+    assert not analytic.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["flagged"]
