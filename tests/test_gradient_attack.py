@@ -1,0 +1,152 @@
+"""The leakage study end to end on tiny settings: the run-directory contract, resuming, --from-run,
+--images, the ε -> noise calibration, and bad input (exit 2, one message, nothing written)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.data import astronaut
+
+import config
+import gradient_attack
+import utils
+from defenses import MechanismSpec
+from models import create_model, save_checkpoint
+
+FAST = ["--iterations", "2", "--log-every", "1", "--num-images", "2"]
+RUN_FILES = {"config.json", "metrics.json", "trajectory.csv", "snapshots.npz", "reconstruction.png"}
+
+
+def run_cli(args):
+    """Run the entry point as a user would; returns the exit code (0 when it returns normally)."""
+    try:
+        utils.run_cli(lambda: gradient_attack.main(args))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
+    out = tmp_path / "attack"
+    args = ["--out", str(out), "--mechanisms", "none", "noise:0.1", "--batch-sizes", "1", "2", *FAST]
+    assert run_cli(args) == 0
+    rows = utils.read_csv(out / "summary.csv")
+    assert list(rows[0]) == gradient_attack.SUMMARY_COLUMNS
+    assert {(r["mechanism"], r["batch_size"]) for r in rows} == {
+        ("none", "1"),
+        ("none", "2"),
+        ("noise:0.1", "1"),
+        ("noise:0.1", "2"),
+    }
+    run = out / "lenet-digits-dlg-noise0.1-b2-s0"
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    trajectory = utils.read_csv(run / "trajectory.csv")
+    assert len(trajectory) == 2 * 3  # 2 images x iterations 0, 1, 2
+    assert {r["batch"] for r in trajectory} == {"0"}
+    npz = np.load(run / "snapshots.npz")
+    assert npz["snapshots"].shape == (3, 2, 1, 32, 32) and npz["iterations"].tolist() == [0, 1, 2]
+    assert npz["originals"].shape == (2, 1, 32, 32) and 0 <= npz["snapshots"].min() <= npz["snapshots"].max() <= 1
+    metrics = utils.read_json(run / "metrics.json")
+    assert len(metrics["per_image"]) == 2 and metrics["mechanism_name"] == "noise" and metrics["strength"] == 0.1
+    assert metrics["epsilon"] is None
+    assert "| dlg | noise:0.1 |" in capsys.readouterr().out
+    assert (out / "summary.md").read_text().count("| dlg |") == 4
+
+    stamp = (run / "metrics.json").stat().st_mtime_ns
+    assert run_cli(args) == 0  # a re-run skips finished runs ...
+    assert (run / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(utils.read_csv(out / "summary.csv")) == 4
+    assert run_cli([*args, "--force"]) == 0  # ... unless forced
+    assert (run / "metrics.json").stat().st_mtime_ns != stamp
+    changed = ["--out", str(out), "--mechanisms", "none", "--iterations", "3", "--log-every", "1", "--num-images", "2"]
+    assert run_cli(changed) == 2  # a finished run made with other settings is not silently reused
+    assert "already finished with other settings" in capsys.readouterr().err
+
+
+def test_larger_epsilon_means_less_noise():
+    training = dataclasses.asdict(config.TrainConfig(accountant="rdp"))  # rdp: the fastest accountant
+    victim = gradient_attack.Victim("lenet", None, "digits", training, None, None)
+    setups = [gradient_attack.client_setup(victim, MechanismSpec("dp-sgd", eps), 1347, 0) for eps in (8.0, 50.0)]
+    (strong, eps8), (weak, eps50) = setups
+    assert strong.noise_multiplier > weak.noise_multiplier > 0
+    assert eps8 <= 8.0 and eps8 == pytest.approx(8.0, rel=0.05) and eps50 <= 50.0
+
+
+def write_train_run(run_dir, privacy="dp-sgd"):
+    """A run directory in train.py's format, with a tiny LeNet on digits."""
+    torch.manual_seed(1)
+    model = create_model("lenet", (1, 32, 32), 10)
+    run_dir.mkdir(parents=True)
+    save_checkpoint(model, run_dir / "model.safetensors")
+    fields = {k: str(v) for k, v in dataclasses.asdict(config.TrainConfig()).items()}
+    fields.update(dataset="digits", model="lenet", privacy=privacy, target_epsilon=8.0, run=run_dir.name)
+    fields.update(max_grad_norm=0.5, lr=0.05, reg_sigma=1.0, batch_size=32, epochs=30, delta=1e-5, accountant="prv")
+    utils.write_json(run_dir / "config.json", fields)
+    utils.write_json(run_dir / "metrics.json", {"run": run_dir.name, "noise_multiplier": 1.3, "epsilon": 7.9})
+    return model
+
+
+def test_from_run_uses_the_trained_model_and_its_dp_setup(tmp_path):
+    trained = write_train_run(tmp_path / "train" / "digits-lenet-dp-sgd-eps8")
+    cfg = config.parse(config.AttackConfig, ["--from-run", str(tmp_path / "train" / "digits-lenet-dp-sgd-eps8")])
+    victim, split = gradient_attack.load_victim(cfg)
+    for a, b in zip(victim.model.state_dict().values(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    setup, eps = gradient_attack.client_setup(victim, MechanismSpec("dp-sgd", None), len(split.x_train), 0)
+    assert (setup.noise_multiplier, setup.max_grad_norm, eps) == (1.3, 0.5, 7.9)
+
+    out = tmp_path / "attack"
+    run = ["--from-run", str(tmp_path / "train" / "digits-lenet-dp-sgd-eps8"), "--out", str(out)]
+    assert run_cli([*run, "--mechanisms", "dp-sgd", *FAST]) == 0
+    row = utils.read_csv(out / "summary.csv")[0]
+    assert row["victim"] == "digits-lenet-dp-sgd-eps8" and row["mechanism"] == "dp-sgd" and float(row["epsilon"]) == 7.9
+
+
+def test_user_images_are_attacked_at_the_model_input(tmp_path):
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).resize((64, 64)).save(photo)
+    out = tmp_path / "attack"
+    args = ["--dataset", "photos", "--images", str(photo), "--labels", "3", "--mechanisms", "none", "--out", str(out)]
+    assert run_cli([*args, "--iterations", "2", "--attacks", "idlg"]) == 0
+    metrics = utils.read_json(out / "lenet-user-images-idlg-none-b1-s0" / "metrics.json")
+    npz = np.load(out / "lenet-user-images-idlg-none-b1-s0" / "snapshots.npz")
+    assert npz["originals"].shape == (1, 3, 32, 32) and npz["labels"].tolist() == [3]
+    assert metrics["label_accuracy"] == 1.0  # iDLG reads the label off the gradient exactly
+
+
+@pytest.fixture
+def not_an_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture")
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attacks", "dlgx"], "unknown attack 'dlgx'"),
+        (["--mechanisms", "blur"], "unknown mechanism 'blur'"),
+        (["--mechanisms", "prune:1.5"], "strength 1.5 in 'prune:1.5' is out of range"),
+        (["--mechanisms", "quantize:0"], "integer number of bits"),
+        (["--mechanisms", "dp-sgd:0"], "ε > 0"),
+        (["--mechanisms", "dp-sgd"], "needs --from-run of a DP-SGD run"),
+        (["--images", "missing.png"], "does not exist"),
+        (["--images", "NOT_AN_IMAGE"], "is not an image"),
+        (["--batch-sizes", "5000"], "training set has 1347"),
+        (["--mechanisms", "secagg:2000"], "needs 1999 other clients' images"),
+        (["--from-run", "NOT_A_RUN"], "is not a finished train.py run"),
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys, not_an_image, args, message):
+    (tmp_path / "empty_dir").mkdir()
+    args = [
+        a.replace("NOT_AN_IMAGE", str(not_an_image)).replace("NOT_A_RUN", str(tmp_path / "empty_dir")) for a in args
+    ]
+    out = tmp_path / "attack"
+    assert run_cli([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
