@@ -118,6 +118,11 @@ class AttackConfig:
     download: bool = False  # the attack study reads data already there; train.py downloads
     out: Path = Path("runs/attack")
     force: bool = False  # redo runs that already finished
+    # malicious-server attacks (giavmp, rtf)
+    giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
+    rtf_bins: int = 128  # imprint bins K; a sample is alone in its bin with probability (1 - 1/K)^(B - 1)
+    rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
+    cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
 
     def validate(self) -> None:
         from attacks import ATTACKS
@@ -151,6 +156,12 @@ class AttackConfig:
             raise UsageError(f"--threads {self.threads} must be at least 1.")
         if self.image_size < 4:
             raise UsageError(f"--image-size {self.image_size} must be at least 4 pixels.")
+        if self.giavmp_per_sample < 1:
+            raise UsageError(f"--giavmp-per-sample {self.giavmp_per_sample} must be at least 1 (e.g. 4).")
+        if self.rtf_bins < 2:
+            raise UsageError(f"--rtf-bins {self.rtf_bins} must be at least 2; use at least the batch size (e.g. 128).")
+        if self.rtf_measurement not in ("random", "brightness"):
+            raise UsageError(f"--rtf-measurement '{self.rtf_measurement}' is unknown; choose random or brightness.")
 
 
 def parse(cls: type, args: list[str] | None = None):

@@ -135,6 +135,7 @@ def best_of_restarts(
     return replace(best, images=to_unit(best.images), failed_restarts=len(results) - len(finished))
 
 
-from attacks import optimization  # noqa: E402  (it uses the helpers above)
+from attacks import analytic, optimization  # noqa: E402  (they use the helpers above)
 
 ATTACKS.update(optimization.ATTACKS)
+ATTACKS.update(analytic.ATTACKS)

@@ -20,18 +20,26 @@ turns neurons that two samples shared into exact readouts of the second one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load, save
 
+from attacks import Attack, Observer, Reconstruction
+from data_sources import DataSplit
 from defenses import SharedUpdate, trainable_parameters
+from models import create_model
 from utils import UsageError, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from config import AttackConfig
 
 CHECK_TOLERANCE = 1e-4  # relative mismatch below which a readout counts as one sample (float32 gives ~1e-6)
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
@@ -373,3 +381,57 @@ def detect_poisoning(
     honest_acc = float((honest(images).argmax(1) == labels).float().mean())
     sent_acc = float((sent(images).argmax(1) == labels).float().mean())
     return {"honest_accuracy": honest_acc, "received_accuracy": sent_acc, "flagged": honest_acc - sent_acc > max_drop}
+
+
+# --- the registry entries (gradient_attack.py calls prepare once per attack, run once per batch) ------
+
+
+def _aux_images(aux: DataSplit) -> torch.Tensor:
+    return torch.cat([aux.x_train, aux.x_test]) if aux.is_image else aux.x_train
+
+
+def _honest_model(model_name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(model_name, input_shape, num_classes, pretrained=False)
+
+
+def prepare_giavmp(
+    model_name: str, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
+) -> nn.Module:
+    """GIAvMP's poisoned model, fitted for the study's largest batch (thresholds at rate 1/B still leave
+    each sample of a smaller batch alone on several neurons)."""
+    model = _honest_model(model_name, input_shape, num_classes, cfg.seed)
+    return giavmp_model(model, _aux_images(aux), max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
+
+
+def prepare_rtf(
+    model_name: str, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
+) -> nn.Module:
+    model = _honest_model(model_name, input_shape, num_classes, cfg.seed)
+    return rtf_model(model, _aux_images(aux), cfg.rtf_bins, cfg.rtf_measurement, cfg.seed)
+
+
+def run_analytic(
+    model: nn.Module,
+    update: SharedUpdate,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    cfg: AttackConfig,
+    observe: Observer,
+) -> Reconstruction:
+    """Read the batch off the trap layer; the loss is the share of its gradient left unexplained.
+    The readout runs on the CPU (it is a few small matrix products and mixes float64 into its sums)."""
+    cpu_model = copy.deepcopy(model).cpu()
+    cpu_update = dataclasses.replace(update, gradients=tuple(g.cpu() for g in update.gradients))
+    readout = read_update(cpu_model, cpu_update, input_shape, num_classes)
+    images, labels = readout_images(readout, update.batch_size * update.num_clients, input_shape)
+    observe(1, images, labels, readout.unexplained)
+    return Reconstruction(images=images, labels=labels, loss=readout.unexplained)
+
+
+ATTACKS = {
+    "giavmp": Attack(
+        run_analytic, 1, prepare_giavmp, "GIAvMP: poisoned first FC layer, exact readout from lone neurons"
+    ),
+    "rtf": Attack(run_analytic, 1, prepare_rtf, "Robbing the Fed: imprint block, exact readout from lone bins"),
+}
