@@ -105,7 +105,7 @@ def plot_evolution(study: Study, cfg: AnalysisConfig, column: str, ylabel: str, 
         return (
             f"_Skipped: no mechanism keeps a final median SSIM ≥ {cfg.ssim_threshold}; every one stops the attack._\n"
         )
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, layout="constrained")
     for ax, (scenario, curves) in zip(axes[0], panels, strict=True):
         for mech, q in curves.items():
             ax.plot(q.index, q[0.5], color=colors[mech], label=mech, marker="o" if len(q) == 1 else None)
@@ -144,7 +144,9 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
                     finals.append((f"{mech}\nSSIM {run.ssim:.2f}", npz["snapshots"][-1]))
         n = min(cfg.max_images, len(originals), *(len(f) for _, f in finals))
         columns = [("original", originals), *finals]
-        fig, axes = plt.subplots(n, len(columns), figsize=(1.3 * len(columns), 1.3 * n + 0.8), squeeze=False)
+        fig, axes = plt.subplots(
+            n, len(columns), figsize=(1.3 * len(columns), 1.3 * n + 0.8), squeeze=False, layout="constrained"
+        )
         for i, row in enumerate(axes):
             for ax, (_, images) in zip(row, columns, strict=True):
                 _show(ax, images[i])
@@ -172,7 +174,9 @@ def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
             picks = np.unique(np.linspace(0, len(iterations) - 1, min(cfg.max_snapshots, len(iterations))).round())
             picks = picks.astype(int)
             n = min(cfg.max_images, len(originals), snapshots.shape[1])
-            fig, axes = plt.subplots(n, 1 + len(picks), figsize=(1.5 * (1 + len(picks)), 1.5 * n + 0.6), squeeze=False)
+            fig, axes = plt.subplots(
+                n, 1 + len(picks), figsize=(1.5 * (1 + len(picks)), 1.5 * n + 0.6), squeeze=False, layout="constrained"
+            )
             for i, row in enumerate(axes):
                 _show(row[0], originals[i])
                 for ax, s in zip(row[1:], picks, strict=True):
@@ -186,18 +190,24 @@ def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
     return markdown
 
 
-def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, value: str, by: list[str]) -> None:
+def _empty(ax: plt.Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="grey", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, value: str, by: list[str]) -> bool:
     """value against ε for DP runs (mean ± std over seeds at each target ε, placed at the ε spent), with plain
-    (ε = ∞) and regularized (no ε) training as horizontal reference lines in the same colour."""
+    (ε = ∞) and regularized (no ε) training as horizontal reference lines in the same colour. False when
+    there is nothing to draw."""
     if frame.empty:
-        ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
-        return
+        return False
     epsilons = []
     for i, (key, group) in enumerate(frame.groupby(by)):
         color, name = f"C{i}", " / ".join(str(k) for k in key)
         dp = group[group[mode] == "dp-sgd"]
         if not dp.empty:
-            at = dp.assign(eps=dp.epsilon.fillna(dp[target])).groupby(target)
+            at = dp.assign(eps=dp.epsilon.fillna(dp[target])).groupby(target, dropna=False)
             mean, std = at[value].mean(), at[value].std(ddof=0)
             ax.errorbar(at.eps.mean(), mean, yerr=std, color=color, marker="o", capsize=3, label=f"{name}: DP-SGD")
             epsilons += list(at.eps.mean().round(1))
@@ -208,7 +218,7 @@ def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, va
     if epsilons:
         _log_axis(ax, epsilons)
     ax.set_xlabel("ε spent (log scale; plain training has ε = ∞)")
-    ax.legend(fontsize=7)
+    return True
 
 
 def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
@@ -219,20 +229,24 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
     models = sorted(set(study.train.model) | set(attack.victim))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
-    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False, layout="constrained")
     for row, model in zip(axes, models, strict=True):
-        _privacy_panel(
-            row[0], study.train[study.train.model == model], "privacy", "target_epsilon", "accuracy", ["dataset"]
-        )
+        train = study.train[study.train.model == model]
+        if _privacy_panel(row[0], train, "privacy", "target_epsilon", "accuracy", ["dataset"]):
+            row[0].legend(fontsize=7)
+        else:
+            _empty(row[0], f"no training runs of {model}\n(uv run train.py --models {model})")
         row[0].set(ylabel="test accuracy", title=f"{model}: utility")
-        for ax, metric, ylabel in zip(
-            row[1:], ["ssim", "psnr"], ["final SSIM (1 = exact copy)", "final PSNR (dB)"], strict=True
-        ):
-            runs = attack[attack.victim == model]
-            _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"])
-            ax.set(ylabel=ylabel, title=f"{model}: leakage ({metric.upper()})")
-        row[1].axhline(cfg.ssim_threshold, color="grey", lw=1, label=f"threshold {cfg.ssim_threshold}")
-        row[1].legend(fontsize=7)
+        runs = attack[attack.victim == model]
+        for ax, metric in zip(row[1:], ["ssim", "psnr"], strict=True):
+            if not _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"]):
+                _empty(ax, f"no attack runs on {model}\n(uv run gradient_attack.py --from-run runs/train/<run>)")
+                continue
+            if metric == "ssim":
+                ax.axhline(cfg.ssim_threshold, color="grey", lw=1, label=f"threshold {cfg.ssim_threshold}")
+            ax.legend(fontsize=7)
+        row[1].set(ylabel="final SSIM (1 = exact copy)", title=f"{model}: leakage (SSIM)")
+        row[2].set(ylabel="final PSNR (dB)", title=f"{model}: leakage (PSNR)")
     return _save(fig, cfg.out / "privacy_tradeoff.png", cfg.dpi)
 
 
@@ -248,7 +262,7 @@ def plot_sensitivity(sweeps: pd.DataFrame, breaks: pd.DataFrame, cfg: AnalysisCo
     points = {
         (*key[:3], key[3]): key[4] for key in breaks[[*SCENARIO, "mechanism_name", "point"]].itertuples(index=False)
     }
-    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False, layout="constrained")
     for col, name in zip(axes.T, names, strict=True):
         for i, (scenario, group) in enumerate(sweeps[sweeps.mechanism_name == name].groupby(SCENARIO)):
             group = group.sort_values("strength")
@@ -290,7 +304,7 @@ def plot_batch_size(study: Study, cfg: AnalysisConfig) -> str:
     runs = study.attack[study.attack.groupby([*SCENARIO, "mechanism"]).batch_size.transform("nunique") >= 2]
     if runs.empty:
         return "_Skipped: every attack ran at a single batch size; sweep it with `uv run gradient_attack.py --batch-sizes 1 2 4 8`._\n"
-    fig, (ax_success, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_success, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     for i, (key, group) in enumerate(runs.groupby([*SCENARIO, "mechanism"])):
         label = f"{scenario_title(key[:3])}, {key[3]}"
         images = study.images.merge(group[["run", "batch_size"]], on="run").groupby("batch_size")
