@@ -63,7 +63,10 @@ def _read_metrics(run_dir: Path, keys: list[str], problems: list[str]) -> dict |
     except (OSError, ValueError) as err:
         problems.append(f"{path} is not readable JSON ({err}); the run is skipped.")
         return None
-    missing = [k for k in keys if k not in metrics] if isinstance(metrics, dict) else keys
+    if not isinstance(metrics, dict):
+        problems.append(f"{path} holds a JSON {type(metrics).__name__}, not an object of metrics; the run is skipped.")
+        return None
+    missing = [k for k in keys if k not in metrics]
     if missing:
         problems.append(f"{path} lacks {', '.join(missing)}; the run is skipped.")
         return None
