@@ -89,7 +89,7 @@ def plot_evolution(study: Study, cfg: AnalysisConfig, column: str, ylabel: str, 
         return "_Skipped: no attack run has a readable trajectory.csv._\n"
     if traj[column].isna().all() or traj.ssim.isna().all():
         return f"_Skipped: no run logged {column} and SSIM (tabular data has no SSIM: no spatial structure)._\n"
-    colors = _colors(mechanism_order(runs))
+    colors = _colors(mechanism_order(study.attack))  # one colour per mechanism in every figure
     panels = []
     for scenario, group in traj.groupby(SCENARIO):
         curves = {}
@@ -300,23 +300,26 @@ def plot_sensitivity(sweeps: pd.DataFrame, breaks: pd.DataFrame, cfg: AnalysisCo
 
 
 def plot_batch_size(study: Study, cfg: AnalysisConfig) -> str:
-    """Attack success rate and mean final PSNR against the batch size the victim's update was computed on."""
+    """Per attack (one row each): success rate and mean final PSNR against the batch size the victim's update was
+    computed on, one line per mechanism run at several batch sizes."""
     runs = study.attack[study.attack.groupby([*SCENARIO, "mechanism"]).batch_size.transform("nunique") >= 2]
     if runs.empty:
         return "_Skipped: every attack ran at a single batch size; sweep it with `uv run gradient_attack.py --batch-sizes 1 2 4 8`._\n"
-    fig, (ax_success, ax_psnr) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    for i, (key, group) in enumerate(runs.groupby([*SCENARIO, "mechanism"])):
-        label = f"{scenario_title(key[:3])}, {key[3]}"
-        images = study.images.merge(group[["run", "batch_size"]], on="run").groupby("batch_size")
-        success, psnr = images.ssim.apply(lambda s: (s >= cfg.ssim_threshold).mean()), images.psnr
-        ax_success.plot(success.index, success.values, color=f"C{i}", marker="o", label=label)
-        ax_psnr.errorbar(
-            psnr.mean().index, psnr.mean(), yerr=psnr.std(ddof=0), color=f"C{i}", marker="o", capsize=3, label=label
-        )
-    ax_success.set(ylabel=f"success rate (share of images with SSIM ≥ {cfg.ssim_threshold})", ylim=(-0.05, 1.05))
-    ax_psnr.set(ylabel="final PSNR (dB, mean ± std over images)")
-    for ax in (ax_success, ax_psnr):
-        _log_axis(ax, runs.batch_size, base=2)
-        ax.set_xlabel("batch size (images per shared update, log scale)")
-        ax.legend(fontsize=7)
+    colors = _colors(mechanism_order(study.attack))
+    scenarios = runs.groupby(SCENARIO)
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 4.2 * len(scenarios)), squeeze=False, layout="constrained")
+    for (ax_success, ax_psnr), (scenario, group) in zip(axes, scenarios, strict=True):
+        for mech in mechanism_order(group):
+            images = study.images.merge(group[group.mechanism == mech][["run", "batch_size"]], on="run")
+            by_size = images.groupby("batch_size")
+            success = by_size.ssim.apply(lambda s: (s >= cfg.ssim_threshold).mean())
+            ax_success.plot(success.index, success.values, color=colors[mech], marker="o", label=mech)
+            mean, std = by_size.psnr.mean(), by_size.psnr.std(ddof=0)
+            ax_psnr.errorbar(mean.index, mean, yerr=std, color=colors[mech], marker="o", capsize=3, label=mech)
+        ax_success.set(ylabel=f"success rate (share of images with SSIM ≥ {cfg.ssim_threshold})", ylim=(-0.05, 1.05))
+        ax_psnr.set(ylabel="final PSNR (dB, mean ± std over images)")
+        for ax in (ax_success, ax_psnr):
+            _log_axis(ax, group.batch_size, base=2)
+            ax.set(title=scenario_title(scenario), xlabel="batch size (images per shared update, log scale)")
+            ax.legend(fontsize=7)
     return _save(fig, cfg.out / "batch_size.png", cfg.dpi)
