@@ -58,7 +58,7 @@ def write_train_run(root: Path, privacy: str, target: float | None, accuracy: fl
     upsert_summary(root / "summary.csv", row)
 
 
-def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1) -> None:
+def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1, image_seed: int = 0) -> None:
     name, _, strength = mechanism.partition(":")
     run = f"cnn-faces-dlg-{mechanism.replace(':', '-')}-b{batch_size}"
     per_image = [
@@ -87,7 +87,7 @@ def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 
         for r in per_image
         for it in iterations
     ]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(image_seed)
     originals = rng.random((2, 1, 8, 8), dtype=np.float32)
     snapshots = np.stack([originals * t / 20 for t in iterations])
     write_json(root / run / "config.json", {k: row[k] for k in ("run", "victim", "dataset", "attack", "mechanism")})
@@ -263,9 +263,11 @@ def test_missing_inputs_skip_figures_with_a_note(tmp_path):
     runs = tmp_path / "runs"
     write_attack_run(runs / "attack", "none", 0.9)
     write_attack_run(runs / "attack", "noise:0.01", 0.2)
+    write_attack_run(runs / "attack", "prune:0.5", 0.6, image_seed=1)  # attacked other images than the rest
     analysis.main(["--runs", str(runs), "--out", str(tmp_path / "static"), "--dpi", "50"])
     report = (tmp_path / "static" / "report.md").read_text()
     assert "--batch-sizes 1 2 4 8" in report  # one batch size: no batch-size figure, and how to get one
     assert "no defense was run at several strengths" in report
     assert not (tmp_path / "static" / "batch_size.png").exists()
     assert (tmp_path / "static" / "ssim_evolution_filtered.png").exists()  # "none" still leaks
+    assert "Left out of this grid (they attacked other images): prune:0.5" in report
