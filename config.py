@@ -87,7 +87,8 @@ class TrainConfig:
             )
 
 
-DEFAULT_MECHANISMS = ["none", "dp-sgd:8", "dp-sgd:25", "dp-sgd:50", "regularized", "prune:0.2", "quantize:4", "noise:0.01"]
+# the seed study's budgets, the regularized mode, and one setting of each classic gradient defense
+DEFAULT_MECHANISMS = "none dp-sgd:8 dp-sgd:25 dp-sgd:50 regularized prune:0.2 quantize:4 noise:0.01".split()
 
 
 @dataclass
@@ -106,7 +107,7 @@ class AttackConfig:
     batch_sizes: Annotated[list[int], tyro.conf.arg(aliases=("--batch-size",))] = field(default_factory=lambda: [1])
     mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["dlg"])
-    iterations: int | None = None  # default per attack: 100 L-BFGS steps (dlg, idlg), 1000 Adam steps (dlg-adam, ig)
+    iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
     restarts: int = 1  # random initialisations per batch; the lowest gradient-matching loss is kept
     log_every: int = 10  # iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success (recognisable)
