@@ -97,36 +97,32 @@ def build_report(study: Study, cfg: AnalysisConfig) -> str:
     """Write every figure whose inputs exist and return report.md's text, sections in reading order."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     no_train = f"_No finished training runs under {cfg.runs}/train: run `uv run train.py` to make them._\n"
-    no_attack = f"_No finished attack runs under {cfg.runs}/attack: run `uv run gradient_attack.py` to make them._\n"
-    has_attack = not study.attack.empty
-    sweeps = sweep_table(study)
-    breaks = breaking_points(sweeps, cfg.ssim_threshold)
-    ssim_label = "SSIM (1 = exact copy)"
     sections = {
         "Classification benchmark": classification_table(study) if not study.train.empty else no_train,
         "Privacy–utility–leakage trade-off": figures.plot_tradeoff(study, cfg),
-        "Attack results": attack_table(study, cfg.ssim_threshold) if has_attack else no_attack,
-        "SSIM evolution": figures.plot_evolution(study, cfg, "ssim", ssim_label, "ssim_evolution")
-        if has_attack
-        else no_attack,
-        f"SSIM evolution, mechanisms that still leak (final median SSIM ≥ {cfg.ssim_threshold})": (
-            figures.plot_evolution(study, cfg, "ssim", ssim_label, "ssim_evolution_filtered", leaking_only=True)
-            if has_attack
-            else no_attack
-        ),
-        "Loss evolution": (
-            figures.plot_evolution(study, cfg, "loss", "gradient-matching loss (log scale)", "loss_evolution")
-            if has_attack
-            else no_attack
-        ),
-        "Originals vs final reconstructions": figures.plot_reconstruction_grids(study, cfg)
-        if has_attack
-        else no_attack,
-        "Reconstruction evolution": figures.plot_reconstruction_evolution(study, cfg) if has_attack else no_attack,
-        "Defense sensitivity": figures.plot_sensitivity(sweeps, breaks, cfg)
-        + breaking_table(breaks, cfg.ssim_threshold),
-        "Batch-size impact": figures.plot_batch_size(study, cfg) if has_attack else no_attack,
     }
+    if study.attack.empty:
+        sections["Leakage study"] = (
+            f"_No finished attack runs under {cfg.runs}/attack: run `uv run gradient_attack.py` to make them._\n"
+        )
+    else:
+        sweeps = sweep_table(study)
+        breaks = breaking_points(sweeps, cfg.ssim_threshold)
+        ssim, loss = "SSIM (1 = exact copy)", "gradient-matching loss (log scale)"
+        sections |= {
+            "Attack results": attack_table(study, cfg.ssim_threshold),
+            "SSIM evolution": figures.plot_evolution(study, cfg, "ssim", ssim, "ssim_evolution"),
+            f"SSIM evolution, mechanisms that still leak (final median SSIM ≥ {cfg.ssim_threshold})": (
+                figures.plot_evolution(study, cfg, "ssim", ssim, "ssim_evolution_filtered", leaking_only=True)
+            ),
+            "Loss evolution": figures.plot_evolution(study, cfg, "loss", loss, "loss_evolution"),
+            "Originals vs final reconstructions": figures.plot_reconstruction_grids(study, cfg),
+            "Reconstruction evolution": figures.plot_reconstruction_evolution(study, cfg),
+            "Defense sensitivity": (
+                figures.plot_sensitivity(sweeps, breaks, cfg) + breaking_table(breaks, cfg.ssim_threshold)
+            ),
+            "Batch-size impact": figures.plot_batch_size(study, cfg),
+        }
     if study.problems:
         sections["Skipped runs and files"] = "".join(f"- {p}\n" for p in study.problems)
     intro = (

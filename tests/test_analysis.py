@@ -271,3 +271,12 @@ def test_missing_inputs_skip_figures_with_a_note(tmp_path):
     assert not (tmp_path / "static" / "batch_size.png").exists()
     assert (tmp_path / "static" / "ssim_evolution_filtered.png").exists()  # "none" still leaks
     assert "Left out of this grid (they attacked other images): prune:0.5" in report
+
+
+def test_training_study_alone_gets_its_table_and_trade_off(tmp_path):
+    make_runs(tmp_path / "runs", attack=False)
+    analysis.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "static"), "--dpi", "50"])
+    report = (tmp_path / "static" / "report.md").read_text()
+    assert table_row(report, **{"Model / training": "DP-SGD (ε = 25)"})["Accuracy"] == "0.700"
+    assert "](privacy_tradeoff.png)" in report
+    assert "run `uv run gradient_attack.py` to make them" in report
