@@ -222,7 +222,10 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     """Load weights written by save_checkpoint into a freshly built model of the same architecture."""
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as err:  # same names, other shapes: a checkpoint of another dataset or width
+        raise UsageError(f"checkpoint {path} does not fit the model: {err}") from None
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise UsageError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}.")

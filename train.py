@@ -121,7 +121,7 @@ def fit(
     `data` holds what prepare takes (images, or features from the cache).
     """
     utils.seed_everything(cfg.seed)
-    module.to(device)
+    module.to(device).train()  # Opacus only wraps a module in training mode
     optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9)
     loader = make_loader(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
     engine, regularizer = None, None

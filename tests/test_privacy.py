@@ -1,0 +1,114 @@
+"""DP-SGD as the study uses it (privacy.make_private over Opacus) and the PDP-SGD regularizer."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from models import FrozenBackbone, create_model
+from privacy import WeightNoiseRegularizer, epsilon_spent, make_private, noise_multiplier_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _private_cnn(max_grad_norm: float, accountant: str, target_epsilon: float = 8.0, epochs: int = 2):
+    torch.manual_seed(0)
+    model = create_model("cnn", (1, 12, 12), 3)
+    x, y = torch.rand(64, 1, 12, 12), torch.randint(0, 3, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, module, optimizer, loader = make_private(
+        model, optimizer, loader, target_epsilon=target_epsilon, delta=1e-5, epochs=epochs,
+        max_grad_norm=max_grad_norm, accountant=accountant, seed=0,
+    )  # fmt: skip
+    return model, engine, module, optimizer, loader, x, y
+
+
+def test_every_per_sample_gradient_is_clipped_before_noise():
+    """With the noise switched off, Opacus' summed gradient must equal the sum of each sample's own gradient,
+    computed by hand on an unwrapped copy and clipped to max_grad_norm."""
+    clip = 0.05  # far below the raw per-sample norms, so every sample is clipped
+    model, _, module, optimizer, _, x, y = _private_cnn(clip, "gdp")  # the fastest accountant; noise is off
+    reference = create_model("cnn", (1, 12, 12), 3)
+    reference.load_state_dict(model.state_dict())
+    xb, yb = x[:8], y[:8]
+
+    expected = [torch.zeros_like(p) for p in reference.parameters()]
+    for xi, yi in zip(xb, yb, strict=True):
+        grads = torch.autograd.grad(F.cross_entropy(reference(xi[None]), yi[None]), list(reference.parameters()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norm > clip  # the test only means something if clipping bites
+        scale = min(1.0, clip / (norm.item() + 1e-6))
+        clipped = [g * scale for g in grads]
+        assert torch.sqrt(sum(c.pow(2).sum() for c in clipped)) <= clip + 1e-6
+        expected = [e + c for e, c in zip(expected, clipped, strict=True)]
+
+    optimizer.noise_multiplier = 0.0
+    optimizer.zero_grad()
+    F.cross_entropy(module(xb), yb).backward()
+    assert optimizer.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad * optimizer.expected_batch_size, e, atol=1e-6, rtol=1e-4)
+
+
+def test_noise_multiplier_and_epsilon_spent_agree():
+    """The conversion the attacks use: the noise found for a target spends at most that target, close to it."""
+    for target in (1.0, 8.0):
+        sigma = noise_multiplier_for(target, 1e-5, sample_rate=0.2, steps=75, accountant="rdp")
+        assert 0.95 * target <= epsilon_spent(sigma, 0.2, 75, 1e-5, "rdp") <= target
+    assert noise_multiplier_for(1.0, 1e-5, 0.2, 75, "gdp") > noise_multiplier_for(8.0, 1e-5, 0.2, 75, "gdp")
+    assert epsilon_spent(1.0, 0.2, 0, 1e-5, "prv") == 0.0
+
+
+def test_make_private_spends_at_most_the_target_and_close_to_it():
+    """The default accountant (PRV) over Poisson-sampled steps: after the planned epochs, ε <= target."""
+    _, engine, _, optimizer, loader, _, _ = _private_cnn(1.0, "prv", target_epsilon=8.0, epochs=2)
+    assert loader.sample_rate == pytest.approx(0.25)
+    assert optimizer.noise_multiplier > 0
+    for _ in range(2 * len(loader)):  # what each optimizer.step() records
+        engine.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=loader.sample_rate)
+    assert 0.9 * 8.0 <= engine.get_epsilon(1e-5) <= 8.0
+
+
+def test_regularizer_matches_its_formula_on_a_linear_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    reg = WeightNoiseRegularizer(layer, kappa=0.01)
+    layer(x)
+    expected = 0.01 * (x.pow(2) @ layer.weight.pow(2).T).sum(1).mean()
+    torch.testing.assert_close(reg.penalty(), expected)
+    reg.remove()
+
+
+def test_regularizer_is_positive_and_acts_on_trainable_weights_only():
+    """On a frozen backbone the backbone gets no gradient (it is not regularized), the head does."""
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = FrozenBackbone(backbone, 4, 2, image_size=16).train()
+    reg = WeightNoiseRegularizer(model, kappa=0.01)
+    model(torch.rand(3, 1, 16, 16))
+    penalty = reg.penalty()
+    assert penalty > 0
+    penalty.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    assert reg.terms == []  # penalty() clears what it used
+
+
+def test_regularizer_covers_conv_layers_and_refuses_a_model_with_nothing_to_regularize():
+    model = create_model("cnn", (1, 12, 12), 2)
+    reg = WeightNoiseRegularizer(model, kappa=1.0)
+    model(torch.rand(2, 1, 12, 12))
+    assert len(reg.terms) == 5  # three convolutions, fc and classifier
+    with pytest.raises(ValueError):
+        WeightNoiseRegularizer(nn.Linear(3, 2).requires_grad_(False), kappa=1.0)
