@@ -23,11 +23,9 @@ ATTACK_SSIM = {
     "regularized": 0.85,
     "dp-sgd:50": 0.6,
     "dp-sgd:8": 0.1,
-    "noise:0.0001": 0.9,
     "noise:0.001": 0.7,
     "noise:0.01": 0.3,  # breaking point: below 0.5 from here on
     "noise:0.1": 0.1,
-    "quantize:8": 0.8,
     "quantize:4": 0.6,
     "quantize:2": 0.2,  # fewer bits are stronger: breaks at 2
     "topk:0.5": 0.8,
