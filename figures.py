@@ -35,8 +35,7 @@ STRENGTH_LABELS = {
     "prune": "pruned fraction",
     "quantize": "bits per value",
     "topk": "kept fraction (top-k)",
-    "secagg": "updates aggregated",
-    "regularized": "regularization σ",
+    "secagg": "clients aggregated (secure aggregation)",
 }
 LOG_STRENGTH = {"noise", "dp-sgd"}  # strengths that span decades
 

@@ -32,7 +32,7 @@ PRIVACY_ORDER = ["none", "dp-sgd", "regularized"]
 MECHANISM_ORDER = ["none", "dp-sgd", "regularized", "noise", "prune", "quantize", "topk", "secagg"]
 # Which way "stronger" runs for each defense's strength: +1 = a larger value protects more (more noise, more
 # pruning, more clients summed), -1 = a smaller one does (a smaller ε, fewer bits, fewer coordinates kept).
-STRONGER = {"noise": 1, "prune": 1, "secagg": 1, "regularized": 1, "dp-sgd": -1, "quantize": -1, "topk": -1}
+STRONGER = {"noise": 1, "prune": 1, "secagg": 1, "dp-sgd": -1, "quantize": -1, "topk": -1}
 
 
 @dataclass
