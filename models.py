@@ -116,8 +116,9 @@ class FrozenBackbone(nn.Module):
 
 
 def _weights_error(model: str, source: str, how: str, err: Exception) -> UsageError:
+    detail = " ".join(str(err).split()).rstrip(".")  # hub errors span lines; the message stays one paragraph
     return UsageError(
-        f"could not load the pretrained weights of '{model}' ({source}): {type(err).__name__}: {err}. "
+        f"could not load the pretrained weights of '{model}' ({source}): {type(err).__name__}: {detail}. "
         f"Download them once with network access: {how} (they are cached under ~/.cache/huggingface), "
         "or pass --no-pretrained to build the model with random weights for a smoke test."
     )
