@@ -50,7 +50,8 @@ TRAIN_RUN_FILES = ("config.json", "metrics.json", "model.safetensors")
 class Victim:
     """The client's model and training set-up: a fresh architecture, or a train.py run."""
 
-    name: str
+    name: str  # the architecture, or the train.py run's directory name
+    architecture: str
     model: nn.Module
     dataset: str
     training: dict[str, Any]  # TrainConfig fields the client trained (or would train) with
@@ -72,10 +73,10 @@ def load_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
     """Check --from-run before anything loads, then build the victim model and its dataset."""
     training = dataclasses.asdict(config.TrainConfig())
     if cfg.from_run is None:
-        split = load_data(cfg, cfg.dataset)
+        split = load_data(cfg, cfg.dataset, dict(training, seed=cfg.seed, image_size=cfg.image_size))
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, split.input_shape, split.num_classes, pretrained=False)
-        return Victim(cfg.model, model, cfg.dataset, training, None, None), split
+        return Victim(cfg.model, cfg.model, model, cfg.dataset, training, None, None), split
     run_dir = Path(cfg.from_run)
     missing = [f for f in TRAIN_RUN_FILES if not (run_dir / f).is_file()]
     if missing:
@@ -89,10 +90,8 @@ def load_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
             f"--from-run {run_dir}: config.json names no model or dataset; was it written by train.py?"
         )
     training.update({k: v for k, v in run_cfg.items() if k in training})
-    split = load_data(cfg, run_cfg["dataset"])
-    model = create_model(
-        run_cfg["model"], split.input_shape, split.num_classes, pretrained=run_cfg.get("pretrained", True)
-    )
+    split = load_data(cfg, run_cfg["dataset"], training)  # the run's own split: its seed, test share and size
+    model = create_model(run_cfg["model"], split.input_shape, split.num_classes, pretrained=False)
     if isinstance(model, FrozenBackbone):
         raise utils.UsageError(
             f"--from-run {run_dir} holds a {run_cfg['model']} head on a frozen backbone, whose features are computed "
@@ -102,11 +101,18 @@ def load_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
     is_dp = run_cfg.get("privacy") == "dp-sgd"
     z = run_metrics.get("noise_multiplier") if is_dp else None
     eps = run_metrics.get("epsilon") if is_dp else None
-    return Victim(run_dir.name, model, run_cfg["dataset"], training, z, eps), split
+    return Victim(run_dir.name, run_cfg["model"], model, run_cfg["dataset"], training, z, eps), split
 
 
-def load_data(cfg: config.AttackConfig, name: str) -> DataSplit:
-    opts = DataOptions(root=cfg.data_root, download=cfg.download, seed=cfg.seed, image_size=cfg.image_size)
+def load_data(cfg: config.AttackConfig, name: str, training: dict[str, Any]) -> DataSplit:
+    """The dataset split as `training` (TrainConfig fields) makes it, so a run's training images are found."""
+    opts = DataOptions(
+        root=cfg.data_root,
+        download=cfg.download,
+        seed=training["seed"],
+        test_fraction=training["test_fraction"],
+        image_size=training["image_size"],
+    )
     return load_dataset(name, opts)
 
 
@@ -424,7 +430,7 @@ def main(args: list[str] | None = None) -> None:
                     check_finished(cfg.out / name, run_cfg)
                 grid.append((attack, mech, batch_size, name, subset, run_cfg))
 
-    servers = {a: ATTACKS[a].prepare(victim.name, split.input_shape, split.num_classes, aux_data(split, data.exclude), cfg)
+    servers = {a: ATTACKS[a].prepare(victim.architecture, split.input_shape, split.num_classes, aux_data(split, data.exclude), cfg)
                for a in cfg.attacks if ATTACKS[a].prepare}  # fmt: skip
     rows = []
     for attack in cfg.attacks:

@@ -2,6 +2,7 @@
 --images, the ε -> noise calibration, and bad input (exit 2, one message, nothing written)."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
 
 def test_larger_epsilon_means_less_noise():
     training = dataclasses.asdict(config.TrainConfig(accountant="rdp"))  # rdp: the fastest accountant
-    victim = gradient_attack.Victim("lenet", None, "digits", training, None, None)
+    victim = gradient_attack.Victim("lenet", "lenet", None, "digits", training, None, None)
     setups = [gradient_attack.client_setup(victim, MechanismSpec("dp-sgd", eps), 1347, 0) for eps in (8.0, 50.0)]
     (strong, eps8), (weak, eps50) = setups
     assert strong.noise_multiplier > weak.noise_multiplier > 0
@@ -80,7 +81,7 @@ def write_train_run(run_dir, privacy="dp-sgd"):
     model = create_model("lenet", (1, 32, 32), 10)
     run_dir.mkdir(parents=True)
     save_checkpoint(model, run_dir / "model.safetensors")
-    fields = {k: str(v) for k, v in dataclasses.asdict(config.TrainConfig()).items()}
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config.TrainConfig()).items()}
     fields.update(dataset="digits", model="lenet", privacy=privacy, target_epsilon=8.0, run=run_dir.name)
     fields.update(max_grad_norm=0.5, lr=0.05, reg_sigma=1.0, batch_size=32, epochs=30, delta=1e-5, accountant="prv")
     utils.write_json(run_dir / "config.json", fields)
