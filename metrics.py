@@ -68,10 +68,13 @@ def image_scores(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[s
 
 
 def match_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
-    """Hungarian assignment on pixel MSE: order[i] is the reconstruction matched to original i."""
+    """Hungarian assignment on log pixel MSE (minus the summed PSNR, capped at PSNR_CAP): order[i] is the
+    reconstruction matched to original i. On plain MSE the assignment may hand an exact reconstruction to
+    another original when that lowers the summed error of blurry ones (a batch of similar faces does so)."""
     a = originals.detach().cpu().flatten(1).double()
     b = reconstructions.detach().cpu().flatten(1).double().clamp(0, 1)
-    cost = torch.cdist(a, b).pow(2).numpy()
+    mse = torch.cdist(a, b).pow(2) / a.shape[1]
+    cost = mse.clamp_min(10 ** (-PSNR_CAP / 10)).log10().numpy()
     rows, cols = linear_sum_assignment(cost)
     return cols[np.argsort(rows)]
 

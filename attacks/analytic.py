@@ -41,7 +41,8 @@ from utils import UsageError, atomic_write_bytes
 if TYPE_CHECKING:
     from config import AttackConfig
 
-CHECK_TOLERANCE = 1e-4  # relative mismatch below which a readout counts as one sample (float32 gives ~1e-6)
+CHECK_TOLERANCE = 2e-5  # relative mismatch below which a readout counts as one sample: float32 readouts of real
+# samples stay below ~7e-6, while at 1e-4 one mixture in ~500 checked readouts passed by chance (digits, B = 16)
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
 PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 
@@ -137,13 +138,17 @@ def read_trap(
     `combos` (R, N) are the linear combinations of neurons that isolate samples: the identity for GIAvMP
     (one neuron each), adjacent differences for RtF (one bin each). Each round checks every readout
     against the gradient a lone sample would give, keeps the exact ones (deduplicated: a sample alone on
-    several neurons appears several times), subtracts their contribution and reads again."""
+    several neurons appears several times), subtracts their contribution and reads again.
+
+    Exact readouts are ranked by how many readouts agree on them, then by mismatch: a real sample alone on
+    several neurons is read several times with a mismatch near 0, while a mixture that passes the check by
+    chance is read once, so it cannot displace a real sample from the first `batch_size` rows."""
     combos = torch.eye(len(grad_b)) if combos is None else combos
     dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size  # sums over the batch
     combos = combos.double()
     floor = SIGNAL_FLOOR * (combos @ db).abs().max().clamp_min(1e-30)
     silent = db.abs() <= SIGNAL_FLOOR * db.abs().max()  # neurons no sample fired
-    known_x, known_y = [], []
+    known_x, known_y, known_rank = [], [], []
     for _ in range(PEEL_ROUNDS):
         cand_x, cand_y, error = _check_readouts(model, combos, dw, db, floor, silent, num_classes, input_shape)
         ok = error < CHECK_TOLERANCE
@@ -151,12 +156,15 @@ def read_trap(
         if not len(new):
             break
         new_x, new_y = cand_x[ok][new], cand_y[ok][new]
+        support = (torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)).sum(1)
+        known_rank.append(error[ok][new] - support)  # support first (an integer), mismatch (< 1) breaks ties
         g = preactivation_grads(model, new_x.float(), new_y, input_shape).double()
         dw, db = dw - g.T @ new_x, db - g.sum(0)
         known_x.append(new_x)
         known_y.append(new_y)
-    exact_x = torch.cat(known_x) if known_x else dw.new_zeros(0, dw.shape[1])
-    exact_y = torch.cat(known_y) if known_y else torch.zeros(0, dtype=torch.long)
+    rank = torch.cat(known_rank).argsort() if known_x else torch.zeros(0, dtype=torch.long)
+    exact_x = torch.cat(known_x)[rank] if known_x else dw.new_zeros(0, dw.shape[1])
+    exact_y = torch.cat(known_y)[rank] if known_y else torch.zeros(0, dtype=torch.long)
     rest = _distinct(cand_x[error.argsort()], exact_x)
     order = error.argsort()[rest]
     total = grad_w.double().norm() * batch_size
@@ -305,10 +313,14 @@ class Imprinted(nn.Module):
         return self.model(self.imprint(x))
 
 
-def imprint_block(aux_images: torch.Tensor, bins: int, measurement: str, seed: int) -> ImprintBlock:
-    """Thresholds at the k/K quantiles of h on the auxiliary images (an empirical estimate of h's
-    distribution, no Gaussian assumption), the first far below every sample so each falls in some bin.
-    `measurement`: "brightness" (mean pixel) or "random" (a random unit direction).
+def imprint_block(
+    aux_images: torch.Tensor, bins: int, measurement: str, seed: int, thresholds: str = "gaussian"
+) -> ImprintBlock:
+    """Thresholds at the k/K quantiles of h's distribution, the first far below every sample so each falls
+    in some bin. `thresholds`: "gaussian" fits h's mean and std on the auxiliary images and takes the normal
+    quantiles, as Fowl et al. assume a known distribution (with ~100 auxiliary images the empirical k/K
+    quantiles of K = 128 bins are noisy and leave uneven bins); "empirical" takes the auxiliary images' own
+    quantiles. `measurement`: "brightness" (mean pixel) or "random" (a random unit direction).
 
     The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
     images: large enough for float32 readouts, small enough that the model behind it keeps working and
@@ -322,10 +334,16 @@ def imprint_block(aux_images: torch.Tensor, bins: int, measurement: str, seed: i
     else:
         raise UsageError(f"unknown RtF measurement '{measurement}'; choose brightness or random.")
     h = flat @ m
-    thresholds = torch.quantile(h, torch.arange(bins) / bins)
-    thresholds[0] = h.min() - 10 * (h.max() - h.min())
-    largest = F.relu(h[:, None] - thresholds).sum(1).max()
-    return ImprintBlock(m, thresholds, scale=0.1 / float(largest))
+    quantiles = torch.arange(bins, dtype=torch.float64) / bins
+    if thresholds == "gaussian":
+        cuts = torch.distributions.Normal(h.double().mean(), h.double().std()).icdf(quantiles.clamp_min(1e-12)).float()
+    elif thresholds == "empirical":
+        cuts = torch.quantile(h, quantiles.float())
+    else:
+        raise UsageError(f"unknown RtF thresholds '{thresholds}'; choose gaussian or empirical.")
+    cuts[0] = h.min() - 10 * (h.max() - h.min())
+    largest = F.relu(h[:, None] - cuts).sum(1).max()
+    return ImprintBlock(m, cuts, scale=0.1 / float(largest))
 
 
 def bin_differences(bins: int) -> torch.Tensor:
@@ -347,9 +365,11 @@ def giavmp_model(
     return poison(model, weight, bias)
 
 
-def rtf_model(model: nn.Module, aux_images: torch.Tensor, bins: int, measurement: str, seed: int) -> Imprinted:
+def rtf_model(
+    model: nn.Module, aux_images: torch.Tensor, bins: int, measurement: str, seed: int, thresholds: str = "gaussian"
+) -> Imprinted:
     """The model RtF sends: an imprint block of `bins` bins in front of the honest model."""
-    return Imprinted(imprint_block(aux_images, bins, measurement, seed), copy.deepcopy(model))
+    return Imprinted(imprint_block(aux_images, bins, measurement, seed, thresholds), copy.deepcopy(model))
 
 
 def read_update(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int) -> TrapReadout:
