@@ -145,7 +145,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 logits = module(x)
                 loss = F.cross_entropy(logits, y)
-                objective = loss + regularizer.penalty() if regularizer else loss
+                objective = (loss + regularizer.penalty()) if regularizer else loss
                 objective.backward()
                 optimizer.step()
                 steps += 1
@@ -199,7 +199,7 @@ def head_inputs(
     if not isinstance(template, FrozenBackbone):
         return data, nn.Identity(), 0.0
     if not cfg.feature_cache:
-        return data, template.features, 0.0
+        return data, template.to(device).features, 0.0
     start = time.perf_counter()
     features = dataclasses.replace(
         data,

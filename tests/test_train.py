@@ -14,6 +14,7 @@ import train
 import utils
 from data_sources import load_dataset
 from models import FrozenBackbone, create_model, load_checkpoint, save_checkpoint
+from privacy import epsilon_spent, noise_multiplier_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
@@ -91,6 +92,27 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
 
     with pytest.raises(SystemExit):  # a finished run made with other settings is not silently reused
         run_main(["--out", str(tmp_path), "--privacy", "none", "--epochs", "2"])
+
+
+def test_dp_run_stopped_early_reports_the_epsilon_of_the_steps_taken(tmp_path, capsys):
+    cfg = config.TrainConfig(epochs=4, accountant="gdp", out=tmp_path)
+    data, calls = load_dataset("faces"), []
+
+    def stop_at_third_step(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return x
+
+    run = train.Run("stopped", "cnn", "dp-sgd", 8.0)
+    model = create_model("cnn", data.input_shape, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(cfg, run, model, stop_at_third_step, data, torch.device("cpu"), tmp_path / "h.csv")
+    planned_steps = cfg.epochs * 5  # sample rate 32/150 -> 1/5: five expected batches per epoch
+    sigma = noise_multiplier_for(8.0, cfg.delta, 0.2, planned_steps, "gdp")
+    spent = epsilon_spent(sigma, 0.2, 2, cfg.delta, "gdp")
+    assert spent < 8.0 / 2
+    assert f"stopped after 2 steps: ε spent so far = {spent:.3f}" in capsys.readouterr().out
 
 
 def test_same_seed_same_numbers(tmp_path):
