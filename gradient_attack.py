@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import config
 import utils
-from attacks import ATTACKS, Reconstruction
+from attacks import ATTACKS, Observer, Reconstruction, Served
+from attacks.analytic import detect_poisoning
 from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from metrics import reconstruction_scores
@@ -41,6 +42,7 @@ SUMMARY_COLUMNS = [
     "run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon", "batch_size",
     "num_images", "iterations", "restarts", "loss", "mse", "psnr", "ssim", "mse_std", "psnr_std", "ssim_std",
     "label_accuracy", "success_rate", "recovered_fraction", "seconds", "seed",
+    "honest_accuracy", "received_accuracy", "poisoning_detected",
 ]  # fmt: skip
 RECOVERED_PSNR = 30.0  # dB from which an image counts as recovered (recovered_fraction)
 TRAIN_RUN_FILES = ("config.json", "metrics.json", "model.safetensors")
@@ -233,8 +235,10 @@ def attack_run(
     data: PrivateData,
     device: torch.device,
     run_cfg: dict[str, Any],
+    detection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Attack every batch of the private images under one mechanism; write the run directory, metrics last."""
+    """Attack every batch of the private images under one mechanism; write the run directory, metrics last.
+    `detection`: the client's poisoning check of a malicious server's model, added to the row."""
     attack = ATTACKS[attack_name]
     attack_cfg = dataclasses.replace(cfg, iterations=run_cfg["iterations"])
     run_dir = cfg.out / name
@@ -263,14 +267,23 @@ def attack_run(
         failed_restarts += rec.failed_restarts
     final = torch.cat(finals)
     per_image = per_image_scores(data.images, final, data.labels, torch.cat(recovered_labels))
-    row = summary_row(cfg, run_cfg, per_image, losses, epsilon, time.perf_counter() - start)
+    row = {**summary_row(cfg, run_cfg, per_image, losses, epsilon, time.perf_counter() - start), **(detection or {})}
     write_run(run_dir, data, final, torch.cat(recovered_labels), trajectory, snapshots)
+    psnr = np.array([p["psnr"] for p in per_image])
     extra = {"failed_batches": failed, "failed_restarts": failed_restarts, "per_image": per_image}
+    extra |= {f"recovered_fraction_{db}db": float((psnr >= db).mean()) for db in (20, 30, 40)}
     utils.write_json(run_dir / "metrics.json", {**row, **extra})
     return row
 
 
-def make_observer(originals, labels, batch, offset, trajectory, snapshots):
+def make_observer(
+    originals: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    offset: int,
+    trajectory: list[dict[str, Any]],
+    snapshots: dict[int, list[torch.Tensor]],
+) -> Observer:
     """The evaluation side of `observe`: match the attack's current images to the originals and score them."""
 
     def observe(iteration: int, images: torch.Tensor, guessed: torch.Tensor, loss: float) -> None:
@@ -287,7 +300,9 @@ def make_observer(originals, labels, batch, offset, trajectory, snapshots):
     return observe
 
 
-def per_image_scores(originals, final, labels, recovered) -> list[dict[str, Any]]:
+def per_image_scores(
+    originals: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, recovered: torch.Tensor
+) -> list[dict[str, Any]]:
     scores = reconstruction_scores(originals, final)  # already matched per batch: the order is the identity
     return [
         {"image": i, "mse": scores["mse"][i], "psnr": scores["psnr"][i], "ssim": scores["ssim"][i],
@@ -296,7 +311,14 @@ def per_image_scores(originals, final, labels, recovered) -> list[dict[str, Any]
     ]  # fmt: skip
 
 
-def summary_row(cfg, run_cfg, per_image, losses, epsilon, seconds) -> dict[str, Any]:
+def summary_row(
+    cfg: config.AttackConfig,
+    run_cfg: dict[str, Any],
+    per_image: list[dict[str, Any]],
+    losses: list[float],
+    epsilon: float | None,
+    seconds: float,
+) -> dict[str, Any]:
     """success_rate counts images with SSIM >= success_ssim (default 0.5): above it a digit or face is still
     recognisable by eye, while the SSIM of an unrelated noise image stays near 0."""
     column = lambda key: np.array([p[key] for p in per_image], dtype=float)
@@ -314,7 +336,15 @@ def summary_row(cfg, run_cfg, per_image, losses, epsilon, seconds) -> dict[str, 
     }  # fmt: skip
 
 
-def write_run(run_dir, data, final, recovered, trajectory, snapshots) -> None:
+def write_run(
+    run_dir: Path,
+    data: PrivateData,
+    final: torch.Tensor,
+    recovered: torch.Tensor,
+    trajectory: list[dict[str, Any]],
+    snapshots: dict[int, list[torch.Tensor]],
+) -> None:
+    """Everything but metrics.json, each file atomically; snapshots are matched to the originals."""
     utils.write_csv(run_dir / "trajectory.csv", trajectory)
     iterations = sorted(snapshots)
     buf = io.BytesIO()
@@ -359,15 +389,24 @@ def default_iterations(attack: str, input_shape: tuple[int, ...]) -> int:
     return ATTACKS[attack].default_iterations * math.ceil(math.prod(input_shape) / 1024)
 
 
-def run_config(cfg, victim, dataset, attack, mech, batch_size, name, data: PrivateData, count: int) -> dict[str, Any]:
+def run_config(
+    cfg: config.AttackConfig,
+    victim: Victim,
+    dataset: str,
+    attack: str,
+    mech: MechanismSpec,
+    batch_size: int,
+    name: str,
+    data: PrivateData,
+) -> dict[str, Any]:
     """config.json: every AttackConfig field plus this run's own identity."""
     fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     fields["images"] = [str(p) for p in cfg.images]
+    iterations = cfg.iterations or default_iterations(attack, data.images.shape[1:])
     return {
         **fields, "run": name, "victim": victim.name, "dataset": dataset, "attack": attack, "mechanism": mech.spec,
-        "mechanism_name": mech.name, "strength": mech.strength, "batch_size": batch_size,
-        "iterations": cfg.iterations or default_iterations(attack, data.images.shape[1:]), "num_images": count,
-        **data.source,
+        "mechanism_name": mech.name, "strength": mech.strength, "batch_size": batch_size, "iterations": iterations,
+        "num_images": len(data.images), **data.source,
     }  # fmt: skip
 
 
@@ -390,9 +429,9 @@ def check_finished(run_dir: Path, run_cfg: dict[str, Any]) -> None:
 def results_table(rows: list[dict[str, Any]]) -> str:
     header = ["attack", "mechanism", "ε", "batch", "PSNR (dB)", "SSIM", "MSE", "label acc.", "success", "seconds"]
     body = [
-        [r["attack"], r["mechanism"], _num(r["epsilon"]), r["batch_size"], f"{_num(r['psnr']):.1f} ± {_num(r['psnr_std']):.1f}",
-         f"{_num(r['ssim']):.3f} ± {_num(r['ssim_std']):.3f}", f"{_num(r['mse']):.2e}", _num(r["label_accuracy"]),
-         _num(r["success_rate"]), _num(r["seconds"])]
+        [r["attack"], r["mechanism"], _num(r["epsilon"]), r["batch_size"],
+         f"{_num(r['psnr']):.1f} ± {_num(r['psnr_std']):.1f}", f"{_num(r['ssim']):.3f} ± {_num(r['ssim_std']):.3f}",
+         f"{_num(r['mse']):.2e}", _num(r["label_accuracy"]), _num(r["success_rate"]), _num(r["seconds"])]
         for r in rows
     ]  # fmt: skip
     return utils.markdown_table(header, body)
@@ -425,13 +464,18 @@ def main(args: list[str] | None = None) -> None:
                 subset = PrivateData(
                     data.images[:count], data.labels[:count], _prefix(data.source, count), data.exclude
                 )
-                run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset, count)
+                run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset)
                 if utils.run_is_done(cfg.out / name) and not cfg.force:
                     check_finished(cfg.out / name, run_cfg)
                 grid.append((attack, mech, batch_size, name, subset, run_cfg))
 
-    servers = {a: ATTACKS[a].prepare(victim.architecture, split.input_shape, split.num_classes, aux_data(split, data.exclude), cfg)
-               for a in cfg.attacks if ATTACKS[a].prepare}  # fmt: skip
+    servers, detection = {}, {}  # a malicious server's model and the client's check of it, once per attack
+    for attack in cfg.attacks:
+        if ATTACKS[attack].prepare:
+            aux = aux_data(split, data.exclude)
+            served = ATTACKS[attack].prepare(victim.model, split.input_shape, split.num_classes, aux, cfg)
+            servers[attack] = served.sent
+            detection[attack] = check_received_model(served, split, cfg.poisoning_max_drop)
     rows = []
     for attack in cfg.attacks:
         cells = [g for g in grid if g[0] == attack]
@@ -441,13 +485,22 @@ def main(args: list[str] | None = None) -> None:
                 rows.append({k: metrics.get(k) for k in SUMMARY_COLUMNS})
                 continue
             sent = servers.get(attack, model).to(device)
-            row = attack_run(cfg, name, attack, mech, batch_size, victim, sent, split, subset, device, run_cfg)
+            row = attack_run(
+                cfg, name, attack, mech, batch_size, victim, sent, split, subset, device, run_cfg, detection.get(attack)
+            )
             utils.upsert_summary(cfg.out / "summary.csv", row)
             rows.append(row)
     table = results_table(rows)
     utils.atomic_write_text(cfg.out / "summary.md", table)
     print(table)
     print(f"runs in {cfg.out}/, one row each in {cfg.out / 'summary.csv'}.")
+
+
+def check_received_model(served: Served, split: DataSplit, max_drop: float) -> dict[str, Any]:
+    """The client's poisoning check on its held-out test split; none without held-out data (photos)."""
+    if not len(split.x_test):
+        return {}
+    return detect_poisoning(served.honest.cpu(), served.sent.cpu(), split.x_test, split.y_test, max_drop)
 
 
 def _prefix(source: dict[str, Any], count: int) -> dict[str, Any]:
