@@ -123,6 +123,11 @@ class AttackConfig:
     giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
     rtf_bins: int = 128  # imprint bins K; a sample is alone in its bin with probability (1 - 1/K)^(B - 1)
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
+    rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
+    honest_epochs: int = 5  # giavmp/rtf on a fresh victim: honest training on aux data first, so the detector
+    # compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run uses the run's weights
+    poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
+    giavmp_inversion_steps: int = 200  # giavmp on a cnn: Adam steps inverting the recovered conv features
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
 
     def validate(self) -> None:
@@ -161,6 +166,14 @@ class AttackConfig:
             raise UsageError(f"--giavmp-per-sample {self.giavmp_per_sample} must be at least 1 (e.g. 4).")
         if self.rtf_bins < 2:
             raise UsageError(f"--rtf-bins {self.rtf_bins} must be at least 2; use at least the batch size (e.g. 128).")
+        if self.rtf_thresholds not in ("gaussian", "empirical"):
+            raise UsageError(f"--rtf-thresholds '{self.rtf_thresholds}' is unknown; choose gaussian or empirical.")
+        if self.honest_epochs < 0:
+            raise UsageError(f"--honest-epochs {self.honest_epochs} must be >= 0 (0 sends the fresh model).")
+        if not 0 <= self.poisoning_max_drop <= 1:
+            raise UsageError(f"--poisoning-max-drop {self.poisoning_max_drop} must lie in [0, 1], e.g. 0.1.")
+        if self.giavmp_inversion_steps < 1:
+            raise UsageError(f"--giavmp-inversion-steps {self.giavmp_inversion_steps} must be at least 1 (e.g. 200).")
         if self.rtf_measurement not in ("random", "brightness"):
             raise UsageError(f"--rtf-measurement '{self.rtf_measurement}' is unknown; choose random or brightness.")
 

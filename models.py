@@ -176,12 +176,13 @@ def _small(cls: type[nn.Module], **kwargs) -> Callable[..., nn.Module]:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet": _small(LeNet),
     "cnn": _small(CNN),
+    "cnn-wide": _small(CNN, hidden=1024),  # GIAvMP's CNN victim: ~1024 neurons after the convolutions
     "mlp": _small(MLP, hidden=64),
     "fcnn": _small(MLP, hidden=1024),
     "resnet50": resnet50,
     "dinov2": dinov2,
 }
-IMAGE_ONLY = {"lenet", "cnn", "resnet50", "dinov2"}
+IMAGE_ONLY = {"lenet", "cnn", "cnn-wide", "resnet50", "dinov2"}
 
 
 def check_model_name(name: str) -> None:

@@ -34,14 +34,23 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
+class Served:
+    """A malicious server's models: the honest one it would have sent, and the one it sends instead; the
+    client's detector compares the two on its held-out data."""
+
+    honest: nn.Module
+    sent: nn.Module
+
+
+@dataclass(frozen=True)
 class Attack:
     """One attack: `run(model, update, input_shape, num_classes, cfg, observe) -> Reconstruction`, and for a
-    malicious server `prepare(model_name, input_shape, num_classes, aux, cfg) -> nn.Module`, the model it
-    sends (aux: a DataSplit disjoint from the victim's images)."""
+    malicious server `prepare(model, input_shape, num_classes, aux, cfg) -> Served` from the victim's model
+    (aux: a DataSplit disjoint from the victim's images)."""
 
     run: Callable[..., Reconstruction]
     default_iterations: int
-    prepare: Callable[..., nn.Module] | None = None
+    prepare: Callable[..., Served] | None = None
     description: str = ""
 
 

@@ -32,10 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load, save
 
-from attacks import Attack, Observer, Reconstruction
+from attacks import Attack, Observer, Reconstruction, Served, Trajectory, gradient_distance, total_variation
 from data_sources import DataSplit
 from defenses import SharedUpdate, trainable_parameters
-from models import create_model
 from utils import UsageError, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -45,6 +44,9 @@ CHECK_TOLERANCE = 2e-5  # relative mismatch below which a readout counts as one 
 # samples stay below ~7e-6, while at 1e-4 one mixture in ~500 checked readouts passed by chance (digits, B = 16)
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
 PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+INVERSION_LR = 0.05  # Adam step on pixels in [0, 1] when inverting conv features (GIAvMP on a CNN)
+INVERSION_TV = 1e-2  # weight of the total-variation prior in that inversion
+INVERSION_GRADIENT = 1e-1  # weight of the gradient-matching term on the conv layers in that inversion
 
 
 @dataclass
@@ -103,7 +105,7 @@ def preactivation_grads(
     layer reads pixels (fcnn, imprint) or conv features (cnn). Samples do not interact in these models
     (no BatchNorm), so one summed loss gives every per-sample gradient at once."""
     layer = trap_layer(model)
-    feeds_pixels = inputs.shape[1] == math.prod(input_shape)
+    feeds_pixels = reads_pixels(model, input_shape)
     out = []
     for i in range(0, len(inputs), chunk):
         x, y = inputs[i : i + chunk], labels[i : i + chunk]
@@ -382,6 +384,16 @@ def read_update(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, 
     return read_trap(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos)
 
 
+def readout_rows(readout: TrapReadout, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` readouts (exact ones first) and their labels; the mean readout where too few."""
+    n = min(count, len(readout.inputs))
+    fill = readout.inputs[:n].mean(0) if n else torch.zeros(readout.inputs.shape[1])
+    rows = fill.expand(count, -1).clone()
+    labels = torch.zeros(count, dtype=torch.long)
+    rows[:n], labels[:n] = readout.inputs[:n], readout.labels[:n]
+    return rows, labels
+
+
 def readout_images(readout: TrapReadout, count: int, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` images in [0, 1] from a pixel-space readout, exact ones first; mid-grey where it has too few."""
     images = torch.full((count, *input_shape), 0.5)
@@ -400,7 +412,11 @@ def detect_poisoning(
     and a simple detector that flags the received model when accuracy falls by more than `max_drop`."""
     honest_acc = float((honest(images).argmax(1) == labels).float().mean())
     sent_acc = float((sent(images).argmax(1) == labels).float().mean())
-    return {"honest_accuracy": honest_acc, "received_accuracy": sent_acc, "flagged": honest_acc - sent_acc > max_drop}
+    return {
+        "honest_accuracy": honest_acc,
+        "received_accuracy": sent_acc,
+        "poisoning_detected": honest_acc - sent_acc > max_drop,
+    }
 
 
 # --- the registry entries (gradient_attack.py calls prepare once per attack, run once per batch) ------
@@ -410,25 +426,106 @@ def _aux_images(aux: DataSplit) -> torch.Tensor:
     return torch.cat([aux.x_train, aux.x_test]) if aux.is_image else aux.x_train
 
 
-def _honest_model(model_name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+def honest_training(model: nn.Module, aux: DataSplit, epochs: int, seed: int) -> nn.Module:
+    """A copy of `model` after `epochs` of plain Adam training on the auxiliary training split: the global
+    model an honest server would send. The detector needs it: next to a fresh model at chance accuracy a
+    poisoned one loses nothing, so its collapse could not show."""
     torch.manual_seed(seed)
-    return create_model(model_name, input_shape, num_classes, pretrained=False)
+    trained = copy.deepcopy(model).cpu().train()
+    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(aux.x_train)).split(32):
+            loss = F.cross_entropy(trained(aux.x_train[batch]), aux.y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return trained.eval()
+
+
+def _honest_model(model: nn.Module, aux: DataSplit, cfg: AttackConfig) -> nn.Module:
+    """The victim's trained weights under --from-run, else a short honest training of the fresh model."""
+    if cfg.from_run is not None:
+        return copy.deepcopy(model).cpu().eval()
+    return honest_training(model, aux, cfg.honest_epochs, cfg.seed)
 
 
 def prepare_giavmp(
-    model_name: str, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
-) -> nn.Module:
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
+) -> Served:
     """GIAvMP's poisoned model, fitted for the study's largest batch (thresholds at rate 1/B still leave
     each sample of a smaller batch alone on several neurons)."""
-    model = _honest_model(model_name, input_shape, num_classes, cfg.seed)
-    return giavmp_model(model, _aux_images(aux), max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
+    honest = _honest_model(model, aux, cfg)
+    sent = giavmp_model(honest, _aux_images(aux), max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
+    return Served(honest, sent)
 
 
 def prepare_rtf(
-    model_name: str, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
-) -> nn.Module:
-    model = _honest_model(model_name, input_shape, num_classes, cfg.seed)
-    return rtf_model(model, _aux_images(aux), cfg.rtf_bins, cfg.rtf_measurement, cfg.seed)
+    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
+) -> Served:
+    honest = _honest_model(model, aux, cfg)
+    sent = rtf_model(honest, _aux_images(aux), cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds)
+    return Served(honest, sent)
+
+
+def reads_pixels(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether the trap layer reads the flattened image (fcnn, imprint) rather than conv features (cnn)."""
+    probe = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    inputs = layer_inputs(model, probe)
+    return inputs.shape == probe.flatten(1).shape and torch.equal(inputs, probe.flatten(1))
+
+
+def trap_inputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trap layer's input for `images`, differentiable (layer_inputs without no_grad), and the logits."""
+    captured: list[torch.Tensor] = []
+    handle = trap_layer(model).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    return captured[0], logits
+
+
+def invert_features(
+    model: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    update: SharedUpdate,
+    input_shape: tuple[int, ...],
+    cfg: AttackConfig,
+    observe: Observer,
+) -> tuple[torch.Tensor, float]:
+    """Images whose conv features match the features read exactly off the poisoned FC layer (GIAvMP's CNN
+    variant): Adam on the pixels, kept in [0, 1], minimising the relative feature error, plus the cosine
+    distance between the dummy batch's gradient and the shared one on the layers before the trap (the
+    feature term pins what the FC layer sees, the gradient term what the convolutions saw) and a TV prior.
+    Returns the images and the final feature error."""
+    params = trainable_parameters(model)
+    conv = params[: [id(p) for p in params].index(id(trap_layer(model).weight))]  # registered before the trap
+    target = tuple(g / update.num_clients for g in update.gradients[: len(conv)])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dummy = (0.5 + 0.05 * torch.randn(len(features), *input_shape, generator=gen)).requires_grad_(True)
+    optimizer = torch.optim.Adam([dummy], lr=INVERSION_LR)
+    scale = features.pow(2).sum(1).mean().clamp_min(1e-12)
+    trajectory = Trajectory(cfg.giavmp_inversion_steps, cfg.log_every)
+    for step in range(cfg.giavmp_inversion_steps + 1):
+        feats, logits = trap_inputs(model, dummy)
+        feature_error = (feats - features).pow(2).sum(1).mean() / scale
+        loss = feature_error + INVERSION_TV * total_variation(dummy)
+        if conv and INVERSION_GRADIENT > 0:
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels), conv, create_graph=True)
+            loss = loss + INVERSION_GRADIENT * gradient_distance(grads, target, "cosine")
+        trajectory.log(step, dummy, labels, float(feature_error))
+        if step == cfg.giavmp_inversion_steps:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            dummy.clamp_(0, 1)
+    trajectory.finish()
+    for record in trajectory.records:
+        observe(*record)
+    return dummy.detach().clamp(0, 1), float(feature_error)
 
 
 def run_analytic(
@@ -439,14 +536,20 @@ def run_analytic(
     cfg: AttackConfig,
     observe: Observer,
 ) -> Reconstruction:
-    """Read the batch off the trap layer; the loss is the share of its gradient left unexplained.
-    The readout runs on the CPU (it is a few small matrix products and mixes float64 into its sums)."""
+    """Read the batch off the trap layer; the loss is the share of its gradient left unexplained. On a CNN
+    the readout gives conv features, which are then inverted to images (invert_features; its loss is the
+    final feature error). The readout runs on the CPU (a few small matrix products, with float64 sums)."""
     cpu_model = copy.deepcopy(model).cpu()
     cpu_update = dataclasses.replace(update, gradients=tuple(g.cpu() for g in update.gradients))
     readout = read_update(cpu_model, cpu_update, input_shape, num_classes)
-    images, labels = readout_images(readout, update.batch_size * update.num_clients, input_shape)
-    observe(1, images, labels, readout.unexplained)
-    return Reconstruction(images=images, labels=labels, loss=readout.unexplained)
+    count = update.batch_size * update.num_clients
+    if reads_pixels(cpu_model, input_shape):
+        images, labels = readout_images(readout, count, input_shape)
+        observe(1, images, labels, readout.unexplained)
+        return Reconstruction(images=images, labels=labels, loss=readout.unexplained)
+    features, labels = readout_rows(readout, count)
+    images, error = invert_features(cpu_model, features, labels, cpu_update, input_shape, cfg, observe)
+    return Reconstruction(images=images, labels=labels, loss=error)
 
 
 ATTACKS = {

@@ -138,5 +138,5 @@ def test_detector_flags_a_poisoned_trained_model(digits, tmp_path):
         optimizer.step()
     sent = analytic.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
     verdict = analytic.detect_poisoning(honest, sent, digits.x_test, digits.y_test)
-    assert verdict["honest_accuracy"] > 0.8 and verdict["flagged"]
-    assert not analytic.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["flagged"]
+    assert verdict["honest_accuracy"] > 0.8 and verdict["poisoning_detected"]
+    assert not analytic.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["poisoning_detected"]
