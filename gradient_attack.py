@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import config
 import utils
-from attacks import ATTACKS, Reconstruction, Served
+from attacks import ATTACKS, Observer, Reconstruction, Served
 from attacks.analytic import detect_poisoning
 from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
@@ -278,7 +278,14 @@ def attack_run(
     return row
 
 
-def make_observer(originals, labels, batch, offset, trajectory, snapshots):
+def make_observer(
+    originals: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    offset: int,
+    trajectory: list[dict[str, Any]],
+    snapshots: dict[int, list[torch.Tensor]],
+) -> Observer:
     """The evaluation side of `observe`: match the attack's current images to the originals and score them."""
 
     def observe(iteration: int, images: torch.Tensor, guessed: torch.Tensor, loss: float) -> None:
@@ -295,7 +302,9 @@ def make_observer(originals, labels, batch, offset, trajectory, snapshots):
     return observe
 
 
-def per_image_scores(originals, final, labels, recovered) -> list[dict[str, Any]]:
+def per_image_scores(
+    originals: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, recovered: torch.Tensor
+) -> list[dict[str, Any]]:
     scores = reconstruction_scores(originals, final)  # already matched per batch: the order is the identity
     return [
         {"image": i, "mse": scores["mse"][i], "psnr": scores["psnr"][i], "ssim": scores["ssim"][i],
@@ -304,7 +313,14 @@ def per_image_scores(originals, final, labels, recovered) -> list[dict[str, Any]
     ]  # fmt: skip
 
 
-def summary_row(cfg, run_cfg, per_image, losses, epsilon, seconds) -> dict[str, Any]:
+def summary_row(
+    cfg: config.AttackConfig,
+    run_cfg: dict[str, Any],
+    per_image: list[dict[str, Any]],
+    losses: list[float],
+    epsilon: float | None,
+    seconds: float,
+) -> dict[str, Any]:
     """success_rate counts images with SSIM >= success_ssim (default 0.5): above it a digit or face is still
     recognisable by eye, while the SSIM of an unrelated noise image stays near 0."""
     column = lambda key: np.array([p[key] for p in per_image], dtype=float)
@@ -322,7 +338,15 @@ def summary_row(cfg, run_cfg, per_image, losses, epsilon, seconds) -> dict[str, 
     }  # fmt: skip
 
 
-def write_run(run_dir, data, final, recovered, trajectory, snapshots) -> None:
+def write_run(
+    run_dir: Path,
+    data: PrivateData,
+    final: torch.Tensor,
+    recovered: torch.Tensor,
+    trajectory: list[dict[str, Any]],
+    snapshots: dict[int, list[torch.Tensor]],
+) -> None:
+    """Everything but metrics.json, each file atomically; snapshots are matched to the originals."""
     utils.write_csv(run_dir / "trajectory.csv", trajectory)
     iterations = sorted(snapshots)
     buf = io.BytesIO()
@@ -367,15 +391,24 @@ def default_iterations(attack: str, input_shape: tuple[int, ...]) -> int:
     return ATTACKS[attack].default_iterations * math.ceil(math.prod(input_shape) / 1024)
 
 
-def run_config(cfg, victim, dataset, attack, mech, batch_size, name, data: PrivateData, count: int) -> dict[str, Any]:
+def run_config(
+    cfg: config.AttackConfig,
+    victim: Victim,
+    dataset: str,
+    attack: str,
+    mech: MechanismSpec,
+    batch_size: int,
+    name: str,
+    data: PrivateData,
+) -> dict[str, Any]:
     """config.json: every AttackConfig field plus this run's own identity."""
     fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     fields["images"] = [str(p) for p in cfg.images]
+    iterations = cfg.iterations or default_iterations(attack, data.images.shape[1:])
     return {
         **fields, "run": name, "victim": victim.name, "dataset": dataset, "attack": attack, "mechanism": mech.spec,
-        "mechanism_name": mech.name, "strength": mech.strength, "batch_size": batch_size,
-        "iterations": cfg.iterations or default_iterations(attack, data.images.shape[1:]), "num_images": count,
-        **data.source,
+        "mechanism_name": mech.name, "strength": mech.strength, "batch_size": batch_size, "iterations": iterations,
+        "num_images": len(data.images), **data.source,
     }  # fmt: skip
 
 
@@ -398,9 +431,9 @@ def check_finished(run_dir: Path, run_cfg: dict[str, Any]) -> None:
 def results_table(rows: list[dict[str, Any]]) -> str:
     header = ["attack", "mechanism", "ε", "batch", "PSNR (dB)", "SSIM", "MSE", "label acc.", "success", "seconds"]
     body = [
-        [r["attack"], r["mechanism"], _num(r["epsilon"]), r["batch_size"], f"{_num(r['psnr']):.1f} ± {_num(r['psnr_std']):.1f}",
-         f"{_num(r['ssim']):.3f} ± {_num(r['ssim_std']):.3f}", f"{_num(r['mse']):.2e}", _num(r["label_accuracy"]),
-         _num(r["success_rate"]), _num(r["seconds"])]
+        [r["attack"], r["mechanism"], _num(r["epsilon"]), r["batch_size"],
+         f"{_num(r['psnr']):.1f} ± {_num(r['psnr_std']):.1f}", f"{_num(r['ssim']):.3f} ± {_num(r['ssim_std']):.3f}",
+         f"{_num(r['mse']):.2e}", _num(r["label_accuracy"]), _num(r["success_rate"]), _num(r["seconds"])]
         for r in rows
     ]  # fmt: skip
     return utils.markdown_table(header, body)
@@ -433,7 +466,7 @@ def main(args: list[str] | None = None) -> None:
                 subset = PrivateData(
                     data.images[:count], data.labels[:count], _prefix(data.source, count), data.exclude
                 )
-                run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset, count)
+                run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset)
                 if utils.run_is_done(cfg.out / name) and not cfg.force:
                     check_finished(cfg.out / name, run_cfg)
                 grid.append((attack, mech, batch_size, name, subset, run_cfg))
