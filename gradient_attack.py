@@ -247,7 +247,7 @@ def attack_run(
     start = time.perf_counter()
     trajectory: list[dict[str, Any]] = []
     snapshots: dict[int, list[torch.Tensor]] = {}
-    finals, recovered_labels, losses, failed, failed_restarts = [], [], [], 0, 0
+    finals, recovered_labels, per_image, losses, failed, failed_restarts = [], [], [], [], 0, 0
     setup, epsilon = client_setup(victim, mech, len(split.x_train), cfg.seed)
     for batch in range(len(data.images) // batch_size):
         part = slice(batch * batch_size, (batch + 1) * batch_size)
@@ -263,11 +263,15 @@ def attack_run(
         order = torch.as_tensor(scores["order"])
         finals.append(rec.images[order])
         recovered_labels.append(rec.labels[order])
+        per_image += [
+            {"image": part.start + i, "mse": scores["mse"][i], "psnr": scores["psnr"][i], "ssim": scores["ssim"][i],
+             "label_correct": bool(rec.labels[order][i] == labels[i])}
+            for i in range(batch_size)
+        ]  # fmt: skip
         losses.append(rec.loss)
         failed += rec.failed
         failed_restarts += rec.failed_restarts
     final = torch.cat(finals)
-    per_image = per_image_scores(data.images, final, data.labels, torch.cat(recovered_labels))
     row = summary_row(cfg, run_cfg, per_image, losses, epsilon, time.perf_counter() - start)
     row |= {key: (detection or {}).get(key) for key in DETECTION_COLUMNS}  # empty unless a server poisoned
     write_run(run_dir, data, final, torch.cat(recovered_labels), trajectory, snapshots)
@@ -300,17 +304,6 @@ def make_observer(
         snapshots.setdefault(iteration, []).append(images[order])
 
     return observe
-
-
-def per_image_scores(
-    originals: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, recovered: torch.Tensor
-) -> list[dict[str, Any]]:
-    scores = reconstruction_scores(originals, final)  # already matched per batch: the order is the identity
-    return [
-        {"image": i, "mse": scores["mse"][i], "psnr": scores["psnr"][i], "ssim": scores["ssim"][i],
-         "label_correct": bool(recovered[i] == labels[i])}
-        for i in range(len(originals))
-    ]  # fmt: skip
 
 
 def summary_row(

@@ -52,6 +52,10 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
     metrics = utils.read_json(run / "metrics.json")
     assert len(metrics["per_image"]) == 2 and metrics["mechanism_name"] == "noise" and metrics["strength"] == 0.1
     assert metrics["epsilon"] is None
+    one_at_a_time = out / "lenet-digits-dlg-noise0.1-b1-s0"  # each image is scored against its own original
+    last = [r for r in utils.read_csv(one_at_a_time / "trajectory.csv") if r["iteration"] == "2"]
+    per_image = utils.read_json(one_at_a_time / "metrics.json")["per_image"]
+    assert [float(r["ssim"]) for r in last] == pytest.approx([p["ssim"] for p in per_image])
     assert "| dlg | noise:0.1 |" in capsys.readouterr().out
     assert (out / "summary.md").read_text().count("| dlg |") == 4
 
