@@ -39,6 +39,7 @@ class TrainConfig:
     feature_cache: bool = True  # head-only models train on backbone features computed once per split
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default. 1 is fastest for the tiny cnn on a busy CPU
     data_root: Path = Path("data")  # where downloaded and image-folder datasets live
     download: bool = True  # fetch torchvision datasets into data_root when missing
     out: Path = Path("runs/train")
@@ -72,6 +73,8 @@ class TrainConfig:
             raise UsageError(f"--test-fraction {self.test_fraction} must lie in (0, 1).")
         if self.reg_sigma < 0:
             raise UsageError(f"--reg-sigma {self.reg_sigma} must be >= 0.")
+        if self.threads < 0:
+            raise UsageError(f"--threads {self.threads} must be >= 0 (0 keeps torch's default).")
 
     def validate_data(self, num_train: int) -> None:
         """Checks that need the training-set size N."""

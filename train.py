@@ -43,7 +43,17 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 # Config fields that do not change a run's numbers: a finished run with other values here is still valid.
-NOT_RESULT_FIELDS = {"models", "epsilons", "out", "force", "device", "download", "data_root", "feature_cache"}
+NOT_RESULT_FIELDS = {
+    "models",
+    "epsilons",
+    "out",
+    "force",
+    "device",
+    "threads",
+    "download",
+    "data_root",
+    "feature_cache",
+}
 
 
 @dataclass
@@ -252,6 +262,8 @@ def benchmark_table(rows: list[dict[str, Any]]) -> str:
 def main(args: list[str] | None = None) -> None:
     cfg = config.parse(config.TrainConfig, args)
     device = utils.pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     opts = DataOptions(cfg.data_root, cfg.download, cfg.seed, cfg.test_fraction, cfg.image_size)
     data = load_dataset(cfg.dataset, opts)
     if len(data.y_test) == 0:

@@ -208,6 +208,7 @@ BAD_INPUTS = [
     (["--max-grad-norm", "0"], "--max-grad-norm 0.0 must be positive"),
     (["--epochs", "0"], "--epochs 0 must be at least 1"),
     (["--accountant", "moments"], "unknown accountant 'moments'"),
+    (["--threads", "-1"], "--threads -1 must be >= 0"),
     (["--dataset", "breast-cancer", "--models", "cnn"], "model 'cnn' needs images"),
     (["--dataset", "photos"], "has no test split"),
     (["--models", "resnet50"], "'resnet50'"),  # pretrained weights offline (HF_HUB_OFFLINE in conftest)
