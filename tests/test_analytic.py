@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attacks import analytic
+from config import AttackConfig
 from data_sources import DataOptions, load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
 from metrics import reconstruction_scores
-from models import MLP, create_model
+from models import CNN, MLP, create_model
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def test_rtf_reports_collisions_and_does_not_count_them(digits):
 
 def test_dp_noise_destroys_the_readout(digits, tmp_path):
     torch.manual_seed(0)
-    model = MLP(digits.input_shape, digits.num_classes, hidden=256)
+    model = MLP(digits.input_shape, digits.num_classes, hidden=128)
     sent = analytic.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
     images, labels = digits.x_test[:8], digits.y_test[:8]
     setup = ClientSetup(max_grad_norm=1.0, noise_multiplier=1.0)
@@ -129,14 +132,30 @@ def test_imprint_keeps_the_victims_training_step_finite(digits, name):
 
 def test_detector_flags_a_poisoned_trained_model(digits, tmp_path):
     torch.manual_seed(0)
-    honest = MLP(digits.input_shape, digits.num_classes, hidden=256)
-    optimizer = torch.optim.Adam(honest.parameters(), lr=1e-3)
-    for _ in range(60):
-        loss = F.cross_entropy(honest(digits.x_train), digits.y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    sent = analytic.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
+    model = MLP(digits.input_shape, digits.num_classes, hidden=64)
+    aux = dataclasses.replace(digits, x_train=digits.x_train[:800], y_train=digits.y_train[:800])
+    honest = analytic.honest_training(model, aux, epochs=1, seed=0)
+    assert honest is not model  # the victim's own model is left as it was
+    sent = analytic.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=2, seed=0, cache_dir=tmp_path)
     verdict = analytic.detect_poisoning(honest, sent, digits.x_test, digits.y_test)
-    assert verdict["honest_accuracy"] > 0.8 and verdict["poisoning_detected"]
+    assert verdict["honest_accuracy"] > 0.8 and verdict["received_accuracy"] < 0.5 and verdict["poisoning_detected"]
     assert not analytic.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["poisoning_detected"]
+
+
+def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_path):
+    torch.manual_seed(0)
+    model = CNN(digits.input_shape, digits.num_classes, hidden=256)
+    sent = analytic.giavmp_model(model, digits.x_train[:600], batch_size=2, per_sample=2, seed=0, cache_dir=tmp_path)
+    images, labels = digits.x_test[:2], digits.y_test[:2]
+    update = client_update(sent, images, labels, MechanismSpec("none", None), ClientSetup())
+    readout = analytic.read_update(sent, update, digits.input_shape, digits.num_classes)
+    features = analytic.layer_inputs(sent, images)
+    assert not analytic.reads_pixels(sent, digits.input_shape) and readout.exact == 2
+    assert torch.cdist(readout.inputs[:2], features).amin(1).max() < 1e-4 * features.abs().max()
+    cfg = AttackConfig(giavmp_inversion_steps=60, log_every=20)
+    logged = []
+    rec = analytic.run_analytic(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
+    assert [entry[0] for entry in logged] == [0, 20, 40, 60]
+    ssim = np.mean(reconstruction_scores(images, rec.images)["ssim"])
+    noise = np.mean(reconstruction_scores(images, torch.rand_like(images))["ssim"])
+    assert ssim > 0.4 and noise < 0.1 and rec.loss < 0.05  # clearly the digits, and the features match
