@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gradient_attack
+import utils
 from attacks import analytic
 from config import AttackConfig
 from data_sources import DataOptions, load_dataset
@@ -159,3 +161,22 @@ def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_pat
     ssim = np.mean(reconstruction_scores(images, rec.images)["ssim"])
     noise = np.mean(reconstruction_scores(images, torch.rand_like(images))["ssim"])
     assert ssim > 0.4 and noise < 0.1 and rec.loss < 0.05  # clearly the digits, and the features match
+
+
+def test_the_study_reports_the_clients_poisoning_check(tmp_path):
+    """gradient_attack.py with giavmp and rtf: the honest model is trained first, the received model's
+    accuracy and the detector's verdict land in metrics.json and the summary row, and the recovered
+    fractions at 20/30/40 dB in metrics.json."""
+    out = tmp_path / "attack"
+    args = ["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--model", "mlp", "--attacks", "giavmp", "rtf",
+            "--mechanisms", "none", "--batch-sizes", "4", "--num-images", "4", "--honest-epochs", "1"]  # fmt: skip
+    gradient_attack.main(args)
+    rows = {r["attack"]: r for r in utils.read_csv(out / "summary.csv")}
+    giavmp = utils.read_json(out / rows["giavmp"]["run"] / "metrics.json")
+    assert giavmp["honest_accuracy"] > 0.8 and giavmp["received_accuracy"] < 0.5 and giavmp["poisoning_detected"]
+    assert rows["giavmp"]["poisoning_detected"] == "True" and float(rows["giavmp"]["recovered_fraction"]) == 1.0
+    assert giavmp["recovered_fraction_20db"] >= giavmp["recovered_fraction_30db"] >= giavmp["recovered_fraction_40db"]
+    assert giavmp["recovered_fraction_40db"] == 1.0
+    rtf = utils.read_json(out / rows["rtf"]["run"] / "metrics.json")
+    assert rtf["honest_accuracy"] == giavmp["honest_accuracy"]  # the same honest model behind both servers
+    assert abs(rtf["received_accuracy"] - rtf["honest_accuracy"]) < 0.1  # the imprint barely changes the model
