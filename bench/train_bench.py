@@ -37,7 +37,7 @@ class BenchConfig:
     epochs: int = 5  # cnn epochs per setting
     naive_epochs: int = 1  # the naive head loop costs the same per sample in every epoch: one shows its rate
     cache_epochs: int = 15  # the study's default: the cache's one-off cost is spread over these epochs
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (the study's --threads defaults to 1)
     device: str = "auto"
 
 
