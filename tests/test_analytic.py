@@ -19,6 +19,16 @@ from metrics import reconstruction_scores
 from models import CNN, MLP, create_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops run several times faster on one thread when the CPU is shared (2 threads on a busy 2-core
+    machine made the CNN test 7x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", DataOptions())
@@ -154,13 +164,13 @@ def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_pat
     features = analytic.layer_inputs(sent, images)
     assert not analytic.reads_pixels(sent, digits.input_shape) and readout.exact == 2
     assert torch.cdist(readout.inputs[:2], features).amin(1).max() < 1e-4 * features.abs().max()
-    cfg = AttackConfig(giavmp_inversion_steps=60, log_every=20)
+    cfg = AttackConfig(giavmp_inversion_steps=80, log_every=40)
     logged = []
     rec = analytic.run_analytic(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
-    assert [entry[0] for entry in logged] == [0, 20, 40, 60]
+    assert [entry[0] for entry in logged] == [0, 40, 80]
     ssim = np.mean(reconstruction_scores(images, rec.images)["ssim"])
     noise = np.mean(reconstruction_scores(images, torch.rand_like(images))["ssim"])
-    assert ssim > 0.4 and noise < 0.1 and rec.loss < 0.05  # clearly the digits, and the features match
+    assert ssim > 0.5 and noise < 0.1 and rec.loss < 0.05  # clearly the digits, and the features match
 
 
 def test_the_study_reports_the_clients_poisoning_check(tmp_path):
