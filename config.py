@@ -13,7 +13,7 @@ import tyro
 
 from data_sources import check_dataset_name
 from models import check_model_name
-from privacy import ACCOUNTANTS, PRIVACY_MODES
+from privacy import ACCOUNTANTS, PRIVACY_MODES, PRV_MAX_EPSILON
 from utils import UsageError
 
 
@@ -62,6 +62,11 @@ class TrainConfig:
                 raise UsageError(f"epsilon {eps} is not positive; a privacy budget must be > 0 (e.g. 1, 8, 50).")
         if self.accountant not in ACCOUNTANTS:
             raise UsageError(f"unknown accountant '{self.accountant}'; choose from {', '.join(ACCOUNTANTS)}.")
+        if self.accountant == "prv" and "dp-sgd" in self.privacy and max(self.epsilons) > PRV_MAX_EPSILON:
+            raise UsageError(
+                f"epsilon {max(self.epsilons):g} is above {PRV_MAX_EPSILON:g}, where the prv accountant's noise search "
+                "becomes numerically unstable and takes minutes; use --accountant rdp for such budgets."
+            )
         if not self.max_grad_norm > 0:
             raise UsageError(f"--max-grad-norm {self.max_grad_norm} must be positive (e.g. 1.0).")
         if self.epochs < 1:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from privacy import WeightNoiseRegularizer
+from privacy import PRV_MAX_EPSILON, WeightNoiseRegularizer
 from utils import UsageError
 
 Grads = tuple[torch.Tensor, ...]
@@ -184,7 +184,10 @@ def _is_int(value: float) -> bool:
 MECHANISMS: dict[str, Mechanism] = {
     "none": Mechanism(lambda m, x, y, s, setup, gen, o: batch_gradients(m, x, y), None, None, "no strength"),
     "dp-sgd": Mechanism(
-        lambda m, x, y, s, setup, gen, o: dp_sgd_gradients(m, x, y, setup, gen), None, lambda v: v > 0, "ε > 0"
+        lambda m, x, y, s, setup, gen, o: dp_sgd_gradients(m, x, y, setup, gen),
+        None,
+        lambda v: 0 < v <= PRV_MAX_EPSILON,
+        f"ε in (0, {PRV_MAX_EPSILON:g}] (above it the guarantee is vacuous and the prv accountant's noise search breaks down)",
     ),
     "regularized": Mechanism(
         lambda m, x, y, s, setup, gen, o: regularized_gradients(m, x, y, setup.kappa), None, None, "no strength"

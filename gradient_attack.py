@@ -36,7 +36,7 @@ from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from metrics import reconstruction_scores
 from models import FrozenBackbone, create_model, load_checkpoint
-from privacy import epsilon_spent, noise_multiplier_for
+from privacy import epsilon_spent, noise_multiplier_for, poisson_schedule
 
 SUMMARY_COLUMNS = [
     "run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon", "batch_size",
@@ -161,7 +161,7 @@ def images_per_run(cfg: config.AttackConfig, batch_size: int, available: int) ->
 
 def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int) -> tuple[ClientSetup, float | None]:
     """The set-up the client shares with: for dp-sgd:EPS the accountant's noise multiplier for ε = EPS under the
-    training study's sampling (rate batch_size/N, epochs/rate steps), so larger ε means less noise; plain
+    training study's sampling (privacy.poisson_schedule, as Opacus sets it up), so larger ε means less noise; plain
     `dp-sgd` uses the DP run's own. Returns the set-up and the accountant's ε (None without DP)."""
     t = victim.training
     kappa = (t["lr"] * t["reg_sigma"]) ** 2
@@ -170,8 +170,7 @@ def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int)
         return base, None
     if mech.strength is None:
         return dataclasses.replace(base, noise_multiplier=victim.noise_multiplier), victim.epsilon
-    sample_rate = min(t["batch_size"], num_train) / num_train
-    steps = int(t["epochs"] / sample_rate)
+    sample_rate, steps = poisson_schedule(num_train, t["batch_size"], t["epochs"])
     with warnings.catch_warnings():  # the search probes tiny multipliers, past RDP's alpha range: harmless
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         z = noise_multiplier_for(mech.strength, t["delta"], sample_rate, steps, t["accountant"])

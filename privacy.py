@@ -3,6 +3,8 @@ conversion between a target ε and a noise multiplier, always through an Opacus 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountants; "prv" is PrivacyEngine's default
+PRV_MAX_EPSILON = 100.0  # above this the prv accountant's search overflows and runs for minutes (ε = 200: ~3 min)
 
 
 def noise_multiplier_for(
@@ -29,6 +32,14 @@ def noise_multiplier_for(
             accountant=accountant,
         )
     )
+
+
+def poisson_schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Sample rate and number of steps of `epochs` of Poisson-sampled DP-SGD, as Opacus sets them up: its
+    DPDataLoader samples at rate 1 / len(loader) and takes len(loader) steps per epoch, len(loader) being
+    the number of batches of an ordinary loader, ceil(N / batch_size)."""
+    batches = math.ceil(num_samples / batch_size)
+    return 1 / batches, epochs * batches
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:

@@ -6,8 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from defenses import ClientSetup, dp_sgd_gradients
 from models import FrozenBackbone, create_model
-from privacy import WeightNoiseRegularizer, epsilon_spent, make_private, noise_multiplier_for
+from privacy import WeightNoiseRegularizer, epsilon_spent, make_private, noise_multiplier_for, poisson_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
 
@@ -59,6 +60,39 @@ def test_every_per_sample_gradient_is_clipped_before_noise():
     assert optimizer.pre_step()  # clip, accumulate, add (zero) noise, scale by the expected batch size
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad * optimizer.expected_batch_size, e, atol=1e-6, rtol=1e-4)
+
+
+def test_the_attacks_dp_sgd_step_is_opacus_step():
+    """The shared update of `dp-sgd` (defenses.py, torch.func) must be what Opacus' DPOptimizer produces
+    from the same batch: clipped per-sample gradients, averaged over the batch (noise off on both sides)."""
+    clip = 0.05
+    model, _, module, optimizer, _, x, y = _private_cnn(clip, "gdp")
+    reference = create_model("cnn", (1, 12, 12), 3)
+    reference.load_state_dict(model.state_dict())
+    xb, yb = x[:16], y[:16]  # the loader's expected batch size, so both divide by the same B
+    ours = dp_sgd_gradients(reference, xb, yb, ClientSetup(max_grad_norm=clip), torch.Generator().manual_seed(0))
+    optimizer.noise_multiplier = 0.0
+    optimizer.zero_grad()
+    F.cross_entropy(module(xb), yb).backward()
+    assert optimizer.pre_step()
+    for p, g in zip(model.parameters(), ours, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=1e-4)
+
+
+def test_attack_noise_is_calibrated_like_training():
+    """dp-sgd:EPS in the attack study asks the accountant with Opacus' own sampling set-up, so it gets the
+    noise multiplier that make_private_with_epsilon gives training for that ε (here with N not a multiple of B)."""
+    torch.manual_seed(0)
+    model = create_model("mlp", (6,), 2)
+    loader = DataLoader(TensorDataset(torch.rand(70, 6), torch.randint(0, 2, (70,))), batch_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, _, optimizer, loader = make_private(
+        model, optimizer, loader, target_epsilon=8.0, delta=1e-5, epochs=3, max_grad_norm=1.0,
+        accountant="rdp", seed=0,
+    )  # fmt: skip
+    sample_rate, steps = poisson_schedule(70, 16, 3)
+    assert sample_rate == pytest.approx(loader.sample_rate) and steps == 3 * len(loader)
+    assert noise_multiplier_for(8.0, 1e-5, sample_rate, steps, "rdp") == pytest.approx(optimizer.noise_multiplier)
 
 
 def test_noise_multiplier_and_epsilon_spent_agree():
