@@ -135,7 +135,7 @@ def not_an_image(tmp_path):
         (["--mechanisms", "blur"], "unknown mechanism 'blur'"),
         (["--mechanisms", "prune:1.5"], "strength 1.5 in 'prune:1.5' is out of range"),
         (["--mechanisms", "quantize:0"], "integer number of bits"),
-        (["--mechanisms", "dp-sgd:0"], "ε > 0"),
+        (["--mechanisms", "dp-sgd:0"], "ε in (0, 100]"),
         (["--mechanisms", "dp-sgd"], "needs --from-run of a DP-SGD run"),
         (["--images", "missing.png"], "does not exist"),
         (["--images", "NOT_AN_IMAGE"], "is not an image"),
