@@ -225,6 +225,8 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
     and what it buys against the attack (final SSIM and PSNR at the same ε, right)."""
     attack = smallest_batch(study.attack)
     attack = attack[attack.mechanism_name.isin(PRIVACY_ORDER)]
+    # a --from-run victim is named after its training run: pair it with that run's architecture
+    attack = attack.assign(victim=attack.victim.replace(dict(zip(study.train.run, study.train.model, strict=True))))
     models = sorted(set(study.train.model) | set(attack.victim))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
