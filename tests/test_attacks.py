@@ -35,7 +35,6 @@ def attack_cfg(**overrides) -> SimpleNamespace:
 
 @pytest.mark.parametrize("name", ["dlg", "idlg"])
 def test_undefended_lenet_batch_one_is_recovered(name):
-    torch.set_num_threads(1)
     images, labels = small_digits()
     model = lenet()
     x, y = images[3:4], labels[3:4]

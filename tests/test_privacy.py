@@ -13,15 +13,6 @@ from privacy import WeightNoiseRegularizer, epsilon_spent, make_private, noise_m
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _private_cnn(max_grad_norm: float, accountant: str, target_epsilon: float = 8.0, epochs: int = 2):
     torch.manual_seed(0)
     model = create_model("cnn", (1, 12, 12), 3)

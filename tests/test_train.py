@@ -21,15 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice 
 FAST = ["--epochs", "2", "--accountant", "rdp"]  # rdp finds the noise multiplier ~3x faster than prv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread costs more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_main(args: list[str]) -> None:
     """train.main as the command line runs it: a UsageError becomes exit code 2."""
     utils.run_cli(lambda: train.main(args))
