@@ -190,3 +190,15 @@ def test_the_study_reports_the_clients_poisoning_check(tmp_path):
     rtf = utils.read_json(out / rows["rtf"]["run"] / "metrics.json")
     assert rtf["honest_accuracy"] == giavmp["honest_accuracy"]  # the same honest model behind both servers
     assert abs(rtf["received_accuracy"] - rtf["honest_accuracy"]) < 0.1  # the imprint barely changes the model
+
+
+def test_a_mixture_that_passes_the_check_by_chance_does_not_displace_a_sample(digits, tmp_path):
+    """The bench case (digits, B = 16, fcnn) where the old 1e-4 check let one mixture pass as a 17th "exact"
+    readout ahead of a real sample: now every sample is read exactly and the first 16 rows are the batch."""
+    torch.manual_seed(0)
+    model = create_model("fcnn", digits.input_shape, digits.num_classes)
+    sent = analytic.giavmp_model(model, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
+    pick = torch.randperm(len(digits.x_test), generator=torch.Generator().manual_seed(0))[:16]
+    readout, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
+    assert readout.exact == 16
+    assert _matched_error(digits.x_test[pick], recs).max() < 1e-4
