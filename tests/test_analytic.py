@@ -19,16 +19,6 @@ from metrics import reconstruction_scores
 from models import CNN, MLP, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops run several times faster on one thread when the CPU is shared (2 threads on a busy 2-core
-    machine made the CNN test 7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", DataOptions())
