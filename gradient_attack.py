@@ -404,14 +404,15 @@ def run_config(
     }  # fmt: skip
 
 
-RESULT_FIELDS = ("run", "dataset", "attack", "mechanism", "batch_size", "iterations", "restarts", "num_images",
-                 "indices", "images", "labels", "seed", "success_ssim", "model", "from_run", "image_size")  # fmt: skip
+# Config fields that do not change a run's numbers (the grid's lists name several runs, not this one).
+NOT_RESULT_FIELDS = {"attacks", "mechanisms", "batch_sizes", "log_every", "threads", "device", "data_root", "download",
+                     "out", "force", "cache_dir"}  # fmt: skip
 
 
 def check_finished(run_dir: Path, run_cfg: dict[str, Any]) -> None:
     """Skip a finished run only if it was made with the same settings, else its numbers would be wrong."""
     old = utils.read_json(run_dir / "config.json")
-    changed = [k for k in RESULT_FIELDS if old.get(k) != run_cfg.get(k)]
+    changed = [k for k, v in run_cfg.items() if k not in NOT_RESULT_FIELDS and old.get(k) != v]
     if changed:
         diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in changed)
         raise utils.UsageError(
