@@ -409,18 +409,6 @@ NOT_RESULT_FIELDS = {"attacks", "mechanisms", "batch_sizes", "log_every", "threa
                      "out", "force", "cache_dir"}  # fmt: skip
 
 
-def check_finished(run_dir: Path, run_cfg: dict[str, Any]) -> None:
-    """Skip a finished run only if it was made with the same settings, else its numbers would be wrong."""
-    old = utils.read_json(run_dir / "config.json")
-    changed = [k for k, v in run_cfg.items() if k not in NOT_RESULT_FIELDS and old.get(k) != v]
-    if changed:
-        diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in changed)
-        raise utils.UsageError(
-            f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or --out DIR "
-            "to keep both studies apart."
-        )
-
-
 def results_table(rows: list[dict[str, Any]]) -> str:
     header = ["attack", "mechanism", "ε", "batch", "PSNR (dB)", "SSIM", "MSE", "label acc.", "success", "seconds"]
     body = [
@@ -461,7 +449,7 @@ def main(args: list[str] | None = None) -> None:
                 )
                 run_cfg = run_config(cfg, victim, dataset, attack, mech, batch_size, name, subset)
                 if utils.run_is_done(cfg.out / name) and not cfg.force:
-                    check_finished(cfg.out / name, run_cfg)
+                    utils.check_finished_run(cfg.out / name, run_cfg, NOT_RESULT_FIELDS)
                 grid.append((attack, mech, batch_size, name, subset, run_cfg))
 
     servers, detection = {}, {}  # a malicious server's model and the client's check of it, once per attack

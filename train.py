@@ -84,19 +84,6 @@ def run_config(cfg: config.TrainConfig, run: Run) -> dict[str, Any]:
     return {**fields, "run": run.name, "model": run.model, "privacy": run.privacy, "target_epsilon": run.target_epsilon}
 
 
-def check_finished_run(run_dir: Path, run_cfg: dict[str, Any]) -> None:
-    """A finished run is skipped only if it was made with the same settings; otherwise its numbers would
-    silently stand for a different experiment."""
-    old = utils.read_json(run_dir / "config.json")
-    changed = [k for k, v in run_cfg.items() if k not in NOT_RESULT_FIELDS and old.get(k) != v]
-    if changed:
-        diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg[k]!r}" for k in changed)
-        raise utils.UsageError(
-            f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or "
-            "--out DIR to keep both studies apart."
-        )
-
-
 def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
     """Shuffled batches from a seeded generator: same seed, same batches (Opacus keeps the generator when it
     swaps in Poisson sampling)."""
@@ -275,7 +262,7 @@ def main(args: list[str] | None = None) -> None:
     for run in runs:  # every check before any training
         run_dir = cfg.out / run.name
         if utils.run_is_done(run_dir) and not cfg.force:
-            check_finished_run(run_dir, run_config(cfg, run))
+            utils.check_finished_run(run_dir, run_config(cfg, run), NOT_RESULT_FIELDS)
 
     summary = cfg.out / "summary.csv"
     inputs: dict[str, tuple] = {}

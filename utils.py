@@ -116,6 +116,19 @@ def run_is_done(run_dir: Path) -> bool:
     return (Path(run_dir) / "metrics.json").exists()
 
 
+def check_finished_run(run_dir: Path, run_cfg: dict[str, Any], not_result_fields: set[str]) -> None:
+    """A finished run is reused only if it was made with the same settings (all but `not_result_fields`,
+    which do not change its numbers); otherwise its numbers would silently stand for another experiment."""
+    old = read_json(Path(run_dir) / "config.json")
+    changed = [k for k, v in run_cfg.items() if k not in not_result_fields and old.get(k) != v]
+    if changed:
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg[k]!r}" for k in changed)
+        raise UsageError(
+            f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or "
+            "--out DIR to keep both studies apart."
+        )
+
+
 def format_number(value: Any, digits: int = 3) -> str:
     """Numbers for Markdown tables: fixed digits for floats, '--' for missing."""
     if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
