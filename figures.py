@@ -124,6 +124,21 @@ def _representatives(study: Study) -> pd.DataFrame:
     return runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*SCENARIO, "mechanism"])
 
 
+def _image_grid(columns: list[tuple[str, np.ndarray]], n: int, title: str) -> plt.Figure:
+    """One row per image (the first n), one titled column per (title, images) pair."""
+    fig, axes = plt.subplots(
+        n, len(columns), figsize=(1.4 * len(columns), 1.4 * n + 0.7), squeeze=False, layout="constrained"
+    )
+    for i, row in enumerate(axes):
+        for ax, (_, images) in zip(row, columns, strict=True):
+            _show(ax, images[i])
+        row[0].set_ylabel(f"image {i}", fontsize=8)
+    for ax, (label, _) in zip(axes[0], columns, strict=True):
+        ax.set_title(label, fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
 def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
     """Per scenario: one row per image, its original first, then each mechanism's final reconstruction."""
     reps = _representatives(study)
@@ -142,17 +157,8 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
                 else:
                     finals.append((f"{mech}\nSSIM {run.ssim:.2f}", npz["snapshots"][-1]))
         n = min(cfg.max_images, len(originals), *(len(f) for _, f in finals))
-        columns = [("original", originals), *finals]
-        fig, axes = plt.subplots(
-            n, len(columns), figsize=(1.3 * len(columns), 1.3 * n + 0.8), squeeze=False, layout="constrained"
-        )
-        for i, row in enumerate(axes):
-            for ax, (_, images) in zip(row, columns, strict=True):
-                _show(ax, images[i])
-            row[0].set_ylabel(f"image {i}", fontsize=8)
-        for ax, (label, _) in zip(axes[0], columns, strict=True):
-            ax.set_title(label, fontsize=7)
-        fig.suptitle(f"Originals vs final reconstructions: {scenario_title(scenario)}")
+        title = f"Originals vs final reconstructions: {scenario_title(scenario)}"
+        fig = _image_grid([("original", originals), *finals], n, title)
         markdown += _save(fig, cfg.out / f"reconstructions_{_slug(*scenario)}.png", cfg.dpi)
         if others:
             markdown += f"_Left out of this grid (they attacked other images): {', '.join(others)}._\n"
@@ -173,18 +179,8 @@ def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
             picks = np.unique(np.linspace(0, len(iterations) - 1, min(cfg.max_snapshots, len(iterations))).round())
             picks = picks.astype(int)
             n = min(cfg.max_images, len(originals), snapshots.shape[1])
-            fig, axes = plt.subplots(
-                n, 1 + len(picks), figsize=(1.5 * (1 + len(picks)), 1.5 * n + 0.6), squeeze=False, layout="constrained"
-            )
-            for i, row in enumerate(axes):
-                _show(row[0], originals[i])
-                for ax, s in zip(row[1:], picks, strict=True):
-                    _show(ax, snapshots[s, i])
-                row[0].set_ylabel(f"image {i}", fontsize=8)
-            axes[0, 0].set_title("original", fontsize=8)
-            for ax, s in zip(axes[0, 1:], picks, strict=True):
-                ax.set_title(f"iteration {iterations[s]}", fontsize=8)
-            fig.suptitle(f"Reconstruction over iterations: {mech}, {scenario_title(scenario)}")
+            columns = [("original", originals), *((f"iteration {iterations[s]}", snapshots[s]) for s in picks)]
+            fig = _image_grid(columns, n, f"Reconstruction over iterations: {mech}, {scenario_title(scenario)}")
             markdown += _save(fig, cfg.out / f"evolution_{_slug(*scenario, mech)}.png", cfg.dpi)
     return markdown
 
