@@ -12,45 +12,22 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pandas as pd
 
 import config
 import figures
 from config import AnalysisConfig
-from results import PRIVACY_ORDER, SCENARIO, Study, breaking_points, load_study, mechanism_order, sweep_table
+from results import (
+    SCENARIO,
+    Study,
+    benchmark_table,
+    breaking_points,
+    load_study,
+    mean_std,
+    mechanism_order,
+    sweep_table,
+)
 from utils import atomic_write_text, markdown_table, run_cli
-
-PRIVACY_LABELS = {"none": "Plain training", "dp-sgd": "DP-SGD", "regularized": "Loss regularization"}
-
-
-def _mean_std(values: pd.Series | np.ndarray, digits: int = 3) -> str:
-    """'mean ± std' (population std over images or seeds) where there are several values, else the value."""
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return "--"
-    if values.size == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
-
-
-def classification_table(study: Study) -> str:
-    """Models x privacy modes, grouped by model as in the seed study; mean ± std where several seeds ran."""
-    header = ["Model / training", "ε target", "ε spent", "Accuracy", "Precision", "Recall", "Specificity", "F1", "MCC"]
-    header += ["Seeds"]
-    rows = []
-    for (dataset, model), group in study.train.groupby(["dataset", "model"]):
-        rows.append([f"**{model}** ({dataset})"] + [" "] * (len(header) - 1))
-        rank = group.privacy.map({p: i for i, p in enumerate(PRIVACY_ORDER)}).fillna(len(PRIVACY_ORDER))
-        for (_, privacy, target), runs in group.assign(rank=rank).groupby(
-            ["rank", "privacy", "target_epsilon"], dropna=False
-        ):
-            label = f"DP-SGD (ε = {target:g})" if privacy == "dp-sgd" else PRIVACY_LABELS.get(privacy, privacy)
-            target_cell = {"none": "∞", "dp-sgd": f"{target:g}"}.get(privacy, "--")
-            metrics = [_mean_std(runs[m]) for m in ["accuracy", "precision", "recall", "specificity", "f1", "mcc"]]
-            rows.append([label, target_cell, _mean_std(runs.epsilon, 2), *metrics, len(runs)])
-    return markdown_table(header, rows)
 
 
 def attack_table(study: Study, threshold: float) -> str:
@@ -64,9 +41,9 @@ def attack_table(study: Study, threshold: float) -> str:
         for mech in mechanism_order(group):
             for batch, runs in group[group.mechanism == mech].groupby("batch_size"):
                 images = study.images[study.images.run.isin(runs.run)]
-                scores = [_mean_std(images.psnr, 2), _mean_std(images.ssim), _mean_std(images.mse, 4)]
+                scores = [mean_std(images.psnr, 2), mean_std(images.ssim), mean_std(images.mse, 4)]
                 rates = [images.label_correct.mean(), (images.ssim >= threshold).mean()]
-                rows.append([*scenario, mech, _mean_std(runs.epsilon, 2), int(batch), len(images), *scores, *rates])
+                rows.append([*scenario, mech, mean_std(runs.epsilon, 2), int(batch), len(images), *scores, *rates])
     return markdown_table(header, rows)
 
 
@@ -98,7 +75,9 @@ def build_report(study: Study, cfg: AnalysisConfig) -> str:
     cfg.out.mkdir(parents=True, exist_ok=True)
     no_train = f"_No finished training runs under {cfg.runs}/train: run `uv run train.py` to make them._\n"
     sections = {
-        "Classification benchmark": classification_table(study) if not study.train.empty else no_train,
+        "Classification benchmark": (
+            benchmark_table(study.train.to_dict("records")) if not study.train.empty else no_train
+        ),
         "Privacy–utility–leakage trade-off": figures.plot_tradeoff(study, cfg),
     }
     if study.attack.empty:

@@ -1,6 +1,7 @@
 """The study's results as data: reads the finished run directories under runs/ (the contracts in DESIGN.md)
 into tables, and derives what the figures and the report share: which runs compare, in which order, and where
-each defense stops the attack.
+each defense stops the attack; and renders the classification benchmark, the one table that train.py prints and
+the report shows.
 
 A run directory without metrics.json is unfinished and skipped; one whose metrics.json is malformed is skipped,
 and one whose trajectory.csv or snapshots.npz is malformed is left out of the figures that need that file. Each
@@ -11,8 +12,10 @@ silently.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +32,17 @@ SNAPSHOT_KEYS = ["iterations", "snapshots", "originals"]
 SCENARIO = ["victim", "dataset", "attack"]  # one attack on one model and dataset: figures compare within it
 
 PRIVACY_ORDER = ["none", "dp-sgd", "regularized"]
+# The benchmark's wording, as the README's table shows it (pasted from train.py's output).
+PRIVACY_LABELS = {"none": "Traditional Training", "dp-sgd": "DP-SGD", "regularized": "Explicit Regularization"}
+MODEL_TITLES = {
+    "cnn": "Convolutional Neural Network (custom CNN)",
+    "lenet": "LeNet (DLG)",
+    "mlp": "Multilayer Perceptron",
+    "fcnn": "Fully Connected Network",
+    "resnet50": "Pretrained ResNet50 (fine-tuning only the classification head)",
+    "dinov2": "Pretrained DINOv2 with registers (ViT-S/14, fine-tuning only the classification head)",
+}
+BENCHMARK_METRICS = ["accuracy", "precision", "recall", "specificity", "f1", "mcc"]
 MECHANISM_ORDER = ["none", "dp-sgd", "regularized", "noise", "prune", "quantize", "topk", "secagg"]
 # Which way "stronger" runs for each defense's strength: +1 = a larger value protects more (more noise, more
 # pruning, more clients summed), -1 = a smaller one does (a smaller ε, fewer bits, fewer coordinates kept).
@@ -214,3 +228,56 @@ def breaking_points(sweeps: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return pd.DataFrame(
         rows, columns=[*SCENARIO, "mechanism_name", "stronger", "point", "ssim_at", "strengths", "ssims"]
     )
+
+
+# ------------------------------------------------------------------------------------ the benchmark table
+
+
+def _number(value: Any) -> float | None:
+    """A summary cell as a number: summary.csv gives strings ('' when missing), a Study's frame NaN."""
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return None if np.isnan(number) else number
+
+
+def mean_std(values: Iterable[float | None], digits: int = 3) -> str:
+    """'mean ± std' (population std over images or seeds) where there are several values, the value alone where
+    there is one, '--' where there is none."""
+    values = np.asarray(list(values), dtype=float)  # None becomes NaN
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return "--"
+    if values.size == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The classification benchmark in Markdown, one renderer for train.py's summary.md and the report, so the
+    two never drift apart. `rows` are summary rows (summary.csv dicts of strings, or a Study's train records).
+
+    One block per dataset and model, in the order the rows first name them; in each, Traditional Training (ε ∞),
+    DP-SGD from the smallest target ε up, then Explicit Regularization (no formal ε: '--'). Rows of the same
+    setting are seeds: several give 'mean ± std' and a Seeds column, one gives plain numbers (so a one-seed
+    study prints the table the README shows). ε spent is the accountant's, as each run recorded it."""
+    rank = {p: i for i, p in enumerate(PRIVACY_ORDER)}
+    blocks: dict[tuple[str, str], dict[tuple[str, float | None], list[Mapping[str, Any]]]] = {}
+    for row in rows:
+        block = blocks.setdefault((row["dataset"], row["model"]), {})
+        block.setdefault((row["privacy"], _number(row["target_epsilon"])), []).append(row)
+    seeded = any(len(runs) > 1 for block in blocks.values() for runs in block.values())
+    header = ["Model", "ε", "Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC", "ε spent"]
+    header += ["Seeds"] if seeded else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for (dataset, model), block in blocks.items():
+        lines.append(f"| **{MODEL_TITLES.get(model, model)} on {dataset}** " + "|" * len(header))
+        for privacy, target in sorted(block, key=lambda s: (rank.get(s[0], len(rank)), s[0], s[1] or 0.0)):
+            runs = block[privacy, target]
+            target_cell = "∞" if privacy == "none" else "--" if target is None else f"{target:g}"
+            label = PRIVACY_LABELS.get(privacy, privacy) + ("" if target is None else f" (ε={target_cell})")
+            scores = [mean_std(_number(r[m]) for r in runs) for m in BENCHMARK_METRICS]
+            spent = "∞" if privacy == "none" else mean_std(_number(r["epsilon"]) for r in runs)
+            cells = [label, target_cell, *scores, spent] + ([str(len(runs))] if seeded else [])
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@
     uv run train.py --dataset digits --models cnn resnet50 --epochs 20
 
 Each run writes runs/train/<run>/ (config.json, history.csv, model.safetensors, metrics.json last) and one
-row of runs/train/summary.csv; the study ends with the benchmark table, printed and written to summary.md.
+row of runs/train/summary.csv; the study ends with the benchmark table (results.benchmark_table, the same one
+analysis.py puts in the report), printed and written to summary.md.
 The loop is an ordinary PyTorch loop; DP-SGD is a thin Opacus layer over it (privacy.make_private), and a
 frozen backbone's head trains on features computed once per split (the feature cache).
 """
@@ -32,6 +33,7 @@ from data_sources import DataOptions, DataSplit, load_dataset
 from metrics import classification_metrics
 from models import FrozenBackbone, compute_features, create_model, save_checkpoint, trainable_module
 from privacy import WeightNoiseRegularizer, make_private
+from results import benchmark_table
 
 SUMMARY_COLUMNS = [
     "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
@@ -208,42 +210,6 @@ def head_inputs(
 
 def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics.get(k) for k in SUMMARY_COLUMNS}
-
-
-MODEL_TITLES = {
-    "cnn": "Convolutional Neural Network (custom CNN)",
-    "lenet": "LeNet (DLG)",
-    "mlp": "Multilayer Perceptron",
-    "fcnn": "Fully Connected Network",
-    "resnet50": "Pretrained ResNet50 (fine-tuning only the classification head)",
-    "dinov2": "Pretrained DINOv2 with registers (ViT-S/14, fine-tuning only the classification head)",
-}
-PRIVACY_ORDER = {"none": 0, "dp-sgd": 1, "regularized": 2}
-
-
-def benchmark_table(rows: list[dict[str, Any]]) -> str:
-    """The seed study's benchmark table from summary rows (summary.csv dicts, strings or numbers): one block
-    per dataset and model; Traditional Training (ε ∞), DP-SGD per target ε, Explicit Regularization (no
-    formal ε, so '--'), with the test metrics and the ε the accountant reports as spent."""
-    header = ["Model", "ε", "Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC", "ε spent"]
-    blocks: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        blocks.setdefault((row["dataset"], row["model"]), []).append(row)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for (dataset, model), block in blocks.items():
-        lines.append(f"| **{MODEL_TITLES.get(model, model)} on {dataset}** " + "|" * len(header))
-        block.sort(key=lambda r: (PRIVACY_ORDER.get(r["privacy"], 3), float(r["target_epsilon"] or 0)))
-        for r in block:
-            if r["privacy"] == "none":
-                label, eps, spent = "Traditional Training", "∞", "∞"
-            elif r["privacy"] == "dp-sgd":
-                eps = f"{float(r['target_epsilon']):g}"
-                label, spent = f"DP-SGD (ε={eps})", float(r["epsilon"])
-            else:
-                label, eps, spent = "Explicit Regularization", "--", "--"
-            scores = [float(r[k]) for k in ("accuracy", "precision", "recall", "specificity", "f1", "mcc")]
-            lines.append("| " + " | ".join(utils.format_number(v) for v in [label, eps, *scores, spent]) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(args: list[str] | None = None) -> None:

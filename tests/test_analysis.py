@@ -12,7 +12,7 @@ from PIL import Image
 
 import analysis
 import results
-from utils import run_cli, upsert_summary, write_csv, write_json
+from utils import read_csv, run_cli, upsert_summary, write_csv, write_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_ACCURACY = {("none", None): 0.9, ("dp-sgd", 8.0): 0.61, ("dp-sgd", 25.0): 0.7, ("dp-sgd", 50.0): 0.8}
@@ -41,13 +41,13 @@ def _psnr(ssim: float) -> float:
     return 10 + 20 * ssim
 
 
-def write_train_run(root: Path, privacy: str, target: float | None, accuracy: float) -> None:
-    run = f"cnn-{privacy}" + (f"-eps{target:g}" if target else "")
+def write_train_run(root: Path, privacy: str, target: float | None, accuracy: float, seed: int = 0) -> None:
+    run = f"cnn-{privacy}" + (f"-eps{target:g}" if target else "") + (f"-seed{seed}" if seed else "")
     row = dict(run=run, dataset="faces", model="cnn", privacy=privacy, target_epsilon=target)
     row |= dict(epsilon=target - 0.02 if target else None, delta=1e-5, noise_multiplier=1.1 if target else None)
     row |= dict(max_grad_norm=1.0, sample_rate=0.1, steps=300, epochs=30, accuracy=accuracy, precision=accuracy)
     row |= dict(recall=accuracy - 0.1, specificity=accuracy + 0.05, f1=accuracy - 0.05, mcc=2 * accuracy - 1)
-    row |= dict(train_seconds=12.0, samples_per_second=800.0, seed=0)
+    row |= dict(train_seconds=12.0, samples_per_second=800.0, seed=seed)
     write_json(root / run / "config.json", {"run": run, "model": "cnn", "privacy": privacy, "target_epsilon": target})
     write_csv(
         root / run / "history.csv", [{"epoch": 1, "loss": 0.5, "train_accuracy": accuracy, "test_accuracy": accuracy}]
@@ -121,7 +121,7 @@ def run(args: list[str], capsys) -> tuple[int, str]:
 
 def table_row(report: str, **cells: str) -> dict[str, str]:
     """The one row, as {column header: cell}, of the Markdown table whose header has the given columns and
-    whose cells there equal the given values."""
+    whose cells there equal the given values (a block's title row, one cell wide, is no row)."""
     rows, header = [], None
     for line in report.splitlines():
         values = [v.strip() for v in line.strip("|").split("|")] if line.startswith("|") else None
@@ -129,7 +129,7 @@ def table_row(report: str, **cells: str) -> dict[str, str]:
             header = header if values else None
         elif header is None:
             header = values
-        elif set(cells) <= set(header):
+        elif set(cells) <= set(header) and len(values) == len(header):
             rows.append(dict(zip(header, values, strict=True)))
     matches = [r for r in rows if all(r[k] == v for k, v in cells.items())]
     assert len(matches) == 1, (cells, matches)
@@ -159,20 +159,83 @@ def test_every_figure_is_written_as_a_valid_png_and_linked(full_report):
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
 
 
+MODEL = "Model"  # the benchmark's first column: the block's title or the training's label
+
+
 def test_classification_table_holds_the_runs_numbers(full_report):
     _, report = full_report
-    assert "| **cnn** (faces) |" in report
-    dp8 = table_row(report, **{"Model / training": "DP-SGD (ε = 8)"})
-    assert (dp8["ε target"], dp8["ε spent"], dp8["Accuracy"]) == ("8", "7.98", "0.610")
-    plain = table_row(report, **{"Model / training": "Plain training"})
-    assert plain["ε target"] == "∞" and plain["ε spent"] == "--"
-    assert [plain[k] for k in ["Accuracy", "Precision", "Recall", "Specificity", "F1", "MCC"]] == [
+    assert "| **Convolutional Neural Network (custom CNN) on faces** |||||||||\n" in report
+    dp8 = table_row(report, **{MODEL: "DP-SGD (ε=8)"})
+    assert (dp8["ε"], dp8["ε spent"], dp8["Accuracy"]) == ("8", "7.980", "0.610")  # the accountant's ε, not 8
+    plain = table_row(report, **{MODEL: "Traditional Training"})
+    assert plain["ε"] == plain["ε spent"] == "∞"
+    assert [plain[k] for k in ["Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC"]] == [
         "0.900", "0.900", "0.800", "0.950", "0.850", "0.800"
     ]  # fmt: skip
-    assert table_row(report, **{"Model / training": "Loss regularization"})["Accuracy"] == "0.850"
+    regularized = table_row(report, **{MODEL: "Explicit Regularization"})
+    assert (regularized["ε"], regularized["ε spent"], regularized["Accuracy"]) == ("--", "--", "0.850")
+    assert "Seeds" not in report  # one seed each: plain numbers, as train.py prints them
     # rows read plain, DP-SGD from strongest to weakest, regularized, as in the seed study
-    order = [report.index(f"| {label} |") for label in ["Plain training", "DP-SGD (ε = 8)", "DP-SGD (ε = 50)"]]
-    assert order == sorted(order) and order[-1] < report.index("| Loss regularization |")
+    labels = ["Traditional Training", "DP-SGD (ε=8)", "DP-SGD (ε=25)", "DP-SGD (ε=50)", "Explicit Regularization"]
+    order = [report.index(f"| {label} |") for label in labels]
+    assert order == sorted(order)
+
+
+def test_report_and_train_py_render_the_same_benchmark(full_report):
+    """One renderer: summary.csv's strings (what train.py prints) and the report's frame give the same table."""
+    out, report = full_report
+    table = results.benchmark_table(read_csv(out.parent / "runs" / "train" / "summary.csv"))
+    assert f"## Classification benchmark\n\n{table}" in report
+
+
+def _summary_row(model: str, privacy: str, target: str = "", spent: str = "", accuracy: str = "0.5") -> dict:
+    """A summary.csv row as utils.read_csv gives it: strings, '' where a value is missing."""
+    row = dict(dataset="faces", model=model, privacy=privacy, target_epsilon=target, epsilon=spent, accuracy=accuracy)
+    return row | dict.fromkeys(["precision", "recall", "specificity", "f1", "mcc"], "0.5")
+
+
+def test_benchmark_table_groups_by_model_and_orders_privacy():
+    rows = [_summary_row("cnn", "regularized"), _summary_row("cnn", "dp-sgd", "50", "49.993"),
+            _summary_row("cnn", "dp-sgd", "8", "7.995", "0.96"), _summary_row("cnn", "none", accuracy="0.98"),
+            _summary_row("resnet50", "none")]  # fmt: skip
+    lines = results.benchmark_table(rows).splitlines()
+    assert lines[:2] == [
+        "| Model | ε | Accuracy | Precision | Recall/Sensitivity | Specificity | F1 | MCC | ε spent |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = [line.split(" | ")[0][2:] for line in lines[2:]]
+    assert labels == [
+        "**Convolutional Neural Network (custom CNN) on faces** |||||||||",
+        "Traditional Training", "DP-SGD (ε=8)", "DP-SGD (ε=50)", "Explicit Regularization",
+        "**Pretrained ResNet50 (fine-tuning only the classification head) on faces** |||||||||",
+        "Traditional Training",
+    ]  # fmt: skip
+    # the row format of the README's table, to the byte
+    assert lines[3] == "| Traditional Training | ∞ | 0.980 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | ∞ |"
+    assert lines[4] == "| DP-SGD (ε=8) | 8 | 0.960 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 7.995 |"
+    assert lines[6] == "| Explicit Regularization | -- | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | -- |"
+
+
+def test_benchmark_table_gives_mean_and_std_over_seeds():
+    rows = [_summary_row("cnn", "dp-sgd", "8", "7.99", "0.9"), _summary_row("cnn", "dp-sgd", "8", "7.97", "0.8"),
+            _summary_row("cnn", "none", accuracy="0.95")]  # fmt: skip
+    table = results.benchmark_table(rows)
+    dp8 = table_row(table, **{MODEL: "DP-SGD (ε=8)"})
+    assert (dp8["Accuracy"], dp8["ε spent"], dp8["Seeds"]) == ("0.850 ± 0.050", "7.980 ± 0.010", "2")
+    assert dp8["MCC"] == "0.500 ± 0.000"
+    plain = table_row(table, **{MODEL: "Traditional Training"})
+    assert (plain["Accuracy"], plain["Seeds"]) == ("0.950", "1")  # one seed: the plain number
+    assert table.index("Traditional Training") < table.index("DP-SGD (ε=8)")
+
+
+def test_report_pools_seeds_of_one_setting(tmp_path):
+    runs = make_runs(tmp_path / "runs", attack=False)
+    write_train_run(runs / "train", "dp-sgd", 8.0, 0.71, seed=1)
+    analysis.main(["--runs", str(runs), "--out", str(tmp_path / "static"), "--dpi", "50"])
+    report = (tmp_path / "static" / "report.md").read_text()
+    dp8 = table_row(report, **{MODEL: "DP-SGD (ε=8)"})
+    assert (dp8["Accuracy"], dp8["ε spent"], dp8["Seeds"]) == ("0.660 ± 0.050", "7.980 ± 0.000", "2")
+    assert table_row(report, **{MODEL: "DP-SGD (ε=25)"})["Seeds"] == "1"
 
 
 def test_attack_table_carries_mean_and_spread_over_images(full_report):
@@ -275,6 +338,6 @@ def test_training_study_alone_gets_its_table_and_trade_off(tmp_path):
     make_runs(tmp_path / "runs", attack=False)
     analysis.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "static"), "--dpi", "50"])
     report = (tmp_path / "static" / "report.md").read_text()
-    assert table_row(report, **{"Model / training": "DP-SGD (ε = 25)"})["Accuracy"] == "0.700"
+    assert table_row(report, **{MODEL: "DP-SGD (ε=25)"})["Accuracy"] == "0.700"
     assert "](privacy_tradeoff.png)" in report
     assert "run `uv run gradient_attack.py` to make them" in report

@@ -26,7 +26,7 @@ def run_main(args: list[str]) -> None:
     utils.run_cli(lambda: train.main(args))
 
 
-def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path):
+def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path, capsys):
     run_main(["--out", str(tmp_path), "--epsilons", "8", *FAST])
     names = ["faces-cnn-none", "faces-cnn-dp-sgd-eps8", "faces-cnn-regularized"]
     rows = {r["run"]: r for r in utils.read_csv(tmp_path / "summary.csv")}
@@ -51,8 +51,16 @@ def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path):
         assert rows[name]["epsilon"] == rows[name]["target_epsilon"] == rows[name]["noise_multiplier"] == ""
 
     table = (tmp_path / "summary.md").read_text()
-    assert "| Traditional Training | ∞ |" in table and "| DP-SGD (ε=8) | 8 |" in table
-    assert "| Explicit Regularization | -- |" in table and table.rstrip().endswith("| -- |")
+    assert table in capsys.readouterr().out  # printed as written
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[-1] == "ε spent |"  # one seed: no Seeds column
+    assert lines[2] == "| **Convolutional Neural Network (custom CNN) on faces** " + "|" * 9
+    cells = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in lines[3:]}
+    assert list(cells) == ["Traditional Training", "DP-SGD (ε=8)", "Explicit Regularization"]
+    assert cells["DP-SGD (ε=8)"][-1] == f"{float(dp['epsilon']):.3f}"  # the accountant's ε, not the target
+    assert cells["Traditional Training"][-1] == "∞" and cells["Explicit Regularization"][-1] == "--"
+    for label, name in [("Traditional Training", "faces-cnn-none"), ("DP-SGD (ε=8)", "faces-cnn-dp-sgd-eps8")]:
+        assert cells[label][2] == f"{float(rows[name]['accuracy']):.3f}"
 
 
 def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
@@ -170,21 +178,6 @@ def test_checkpoint_reloads_into_an_equal_model(tmp_path):
     assert torch.equal(other.head.weight, frozen.head.weight)
     with pytest.raises(utils.UsageError):
         load_checkpoint(create_model("mlp", (4,), 2), tmp_path / "m.safetensors")
-
-
-def test_benchmark_table_groups_by_model_and_orders_privacy():
-    def row(model, privacy, target="", eps="", acc=0.5):
-        scores = dict.fromkeys(["precision", "recall", "specificity", "f1", "mcc"], "0.5")
-        return {"dataset": "faces", "model": model, "privacy": privacy, "target_epsilon": target, "epsilon": eps,
-                "accuracy": str(acc), **scores}  # fmt: skip
-
-    rows = [row("cnn", "regularized"), row("cnn", "dp-sgd", "50", "49.9"), row("cnn", "dp-sgd", "8", "7.99"),
-            row("cnn", "none", acc=0.912), row("resnet50", "none")]  # fmt: skip
-    lines = train.benchmark_table(rows).splitlines()
-    labels = [line.split("|")[1].strip() for line in lines[2:]]
-    assert labels[1:5] == ["Traditional Training", "DP-SGD (ε=8)", "DP-SGD (ε=50)", "Explicit Regularization"]
-    assert "ResNet50" in labels[5] and labels[6] == "Traditional Training"
-    assert "| 0.912 |" in lines[3] and lines[4].endswith("| 7.990 |")
 
 
 BAD_INPUTS = [
