@@ -66,7 +66,8 @@ def make_private(
     """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the
     noise multiplier the accountant gives for target_epsilon at delta over `epochs`."""
     engine = PrivacyEngine(accountant=accountant)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
+    generator = torch.Generator(device=device).manual_seed(seed)
     module, optimizer, loader = engine.make_private_with_epsilon(
         module=module,
         optimizer=optimizer,

@@ -34,7 +34,11 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed, same numbers on the same machine."""
+    """Same seed, same numbers on the same machine: on a GPU too, where cuDNN and cuBLAS would otherwise pick
+    fast kernels whose sums run in varying order."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

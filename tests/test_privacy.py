@@ -105,6 +105,25 @@ def test_make_private_spends_at_most_the_target_and_close_to_it():
     assert 0.9 * 8.0 <= engine.get_epsilon(1e-5) <= 8.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_dp_sgd_step_runs_with_the_model_on_the_gpu():
+    """Opacus draws the noise on the gradients' device: a CPU noise generator fails there."""
+    torch.manual_seed(0)
+    model = create_model("cnn", (1, 12, 12), 3).cuda()
+    loader = DataLoader(TensorDataset(torch.rand(64, 1, 12, 12), torch.randint(0, 3, (64,))), batch_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, module, optimizer, loader = make_private(
+        model, optimizer, loader, target_epsilon=8.0, delta=1e-5, epochs=1, max_grad_norm=1.0, accountant="prv", seed=0
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    F.cross_entropy(module(x.cuda()), y.cuda()).backward()
+    optimizer.step()
+    assert all(
+        torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+
+
 def test_regularizer_matches_its_formula_on_a_linear_layer():
     torch.manual_seed(0)
     layer = nn.Linear(5, 3)
