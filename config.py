@@ -130,7 +130,9 @@ class AttackConfig:
     force: bool = False  # redo runs that already finished
     # malicious-server attacks (giavmp, rtf)
     giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
-    rtf_bins: int = 128  # imprint bins K; a sample is alone in its bin with probability (1 - 1/K)^(B - 1)
+    rtf_bins: int = 128  # imprint neurons K; with one statistic a sample is alone in its bin w.p. (1 - 1/K)^(B - 1)
+    rtf_measurements: int = 0  # statistics the K neurons are split among; 0 = the count that recovers most of
+    # --batch-sizes in simulation (2 for B up to K = 128: peeling across statistics resolves shared bins)
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: honest training on aux data first, so the detector
@@ -175,6 +177,11 @@ class AttackConfig:
             raise UsageError(f"--giavmp-per-sample {self.giavmp_per_sample} must be at least 1 (e.g. 4).")
         if self.rtf_bins < 2:
             raise UsageError(f"--rtf-bins {self.rtf_bins} must be at least 2; use at least the batch size (e.g. 128).")
+        if not 0 <= self.rtf_measurements <= self.rtf_bins // 2:
+            raise UsageError(
+                f"--rtf-measurements {self.rtf_measurements} must lie in [0, {self.rtf_bins // 2}] (at least 2 bins "
+                f"per statistic for --rtf-bins {self.rtf_bins}); 0 picks the count for the batch sizes."
+            )
         if self.rtf_thresholds not in ("gaussian", "empirical"):
             raise UsageError(f"--rtf-thresholds '{self.rtf_thresholds}' is unknown; choose gaussian or empirical.")
         if self.honest_epochs < 0:

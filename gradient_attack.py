@@ -218,9 +218,16 @@ def other_clients(
 
 
 def aux_data(split: DataSplit, exclude: list[int]) -> DataSplit:
-    """What a malicious server may learn from: the dataset without the victim's images."""
+    """What a malicious server may learn from: the training split without the victim's images. The test split
+    stays with the client, whose poisoning check runs on it."""
     keep = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)), dtype=torch.long)
-    return dataclasses.replace(split, x_train=split.x_train[keep], y_train=split.y_train[keep])
+    return dataclasses.replace(
+        split,
+        x_train=split.x_train[keep],
+        y_train=split.y_train[keep],
+        x_test=split.x_test[:0],
+        y_test=split.y_test[:0],
+    )
 
 
 def attack_run(

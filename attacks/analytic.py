@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -304,18 +305,20 @@ def poison(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Mod
 
 
 class ImprintBlock(nn.Module):
-    """K ReLU neurons that all measure h(x) = m . x with increasing thresholds, and a layer back to the
-    input size whose columns are all equal, so every neuron passes the same gradient back: neuron k fires
-    for h(x) > t_k, and neuron k minus neuron k + 1 isolates the samples of bin [t_k, t_k+1).
-    The block adds its output to the input, so the model behind it still sees the image."""
+    """K ReLU neurons in groups, each group measuring one linear statistic h(x) = m . x at increasing
+    thresholds, and a layer back to the input size whose columns are all equal, so every neuron passes the
+    same gradient back: neuron k fires for h(x) > t_k, and neuron k minus neuron k + 1 of the same group
+    isolates the samples of bin [t_k, t_k+1). The block adds its output to the input, so the model behind
+    it still sees the image. `groups` holds the group sizes (bins per measurement)."""
 
-    def __init__(self, measurement: torch.Tensor, thresholds: torch.Tensor, scale: float):
+    def __init__(self, measurements: torch.Tensor, thresholds: torch.Tensor, scale: float, groups: list[int]):
         super().__init__()
-        size, bins = len(measurement), len(thresholds)
+        bins, size = measurements.shape
+        self.groups = groups
         self.linear0 = nn.Linear(size, bins)
         self.linear1 = nn.Linear(bins, size)
         with torch.no_grad():
-            self.linear0.weight.copy_(measurement.expand(bins, size))
+            self.linear0.weight.copy_(measurements)
             self.linear0.bias.copy_(-thresholds)
             self.linear1.weight.fill_(scale)
             self.linear1.bias.zero_()
@@ -336,27 +339,67 @@ class Imprinted(nn.Module):
         return self.model(self.imprint(x))
 
 
-def imprint_block(
-    aux_images: torch.Tensor, bins: int, measurement: str, seed: int, thresholds: str = "gaussian"
-) -> ImprintBlock:
-    """Thresholds at the k/K quantiles of h's distribution, the first far below every sample so each falls
-    in some bin. `thresholds`: "gaussian" fits h's mean and std on the auxiliary images and takes the normal
-    quantiles, as Fowl et al. assume a known distribution (with ~100 auxiliary images the empirical k/K
-    quantiles of K = 128 bins are noisy and leave uneven bins); "empirical" takes the auxiliary images' own
-    quantiles. `measurement`: "brightness" (mean pixel) or "random" (a random unit direction).
+def simulated_recovery(batch_size: int, groups: list[int], draws: int = 200, seed: int = 0) -> float:
+    """Expected share of a batch the RtF readout recovers when every sample falls in a uniformly random bin
+    of each group, independently: samples alone in a bin are read, then subtracted from every group
+    (peeling), which can leave the other sample of a shared bin alone, and so on (at most PEEL_ROUNDS)."""
+    rng = np.random.default_rng(seed)
+    recovered = 0.0
+    for _ in range(draws):
+        bins = np.stack([rng.integers(0, size, batch_size) for size in groups], 1)
+        known = np.zeros(batch_size, dtype=bool)
+        for _ in range(PEEL_ROUNDS):
+            lone = np.zeros(batch_size, dtype=bool)
+            for g, size in enumerate(groups):
+                counts = np.bincount(bins[~known, g], minlength=size)
+                lone |= ~known & (counts[bins[:, g]] == 1)
+            if not lone.any():
+                break
+            known |= lone
+        recovered += known.mean()
+    return recovered / draws
 
-    The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
-    images: large enough for float32 readouts, small enough that the model behind it keeps working and
-    a training step stays finite (the weights of the original block made training diverge)."""
-    flat = aux_images.flatten(1)
+
+def split_bins(bins: int, measurements: int) -> list[int]:
+    """`bins` neurons shared out as evenly as possible among `measurements` groups."""
+    return [bins // measurements + (i < bins % measurements) for i in range(measurements)]
+
+
+def best_measurement_count(bins: int, batch_sizes: list[int], most: int = 4) -> int:
+    """How many statistics the imprint should measure with `bins` neurons: the count whose simulated
+    recovery, averaged over the batch sizes the server expects, is highest (fewer on a tie within 0.005).
+    One statistic gives the uniform-binning rate (1 - 1/K)^(B - 1); for B well below K, two or more
+    statistics of K/m bins each recover nearly everything, since peeling resolves most shared bins."""
+    counts = [m for m in range(1, most + 1) if bins // m >= 2]
+    scores = [np.mean([simulated_recovery(b, split_bins(bins, m)) for b in batch_sizes]) for m in counts]
+    return next(m for m, score in zip(counts, scores, strict=True) if score >= max(scores) - 0.005)
+
+
+def measurement_directions(flat: torch.Tensor, count: int, measurement: str, seed: int) -> torch.Tensor:
+    """`count` unit directions: the first the mean pixel ("brightness") or random, the rest random, each made
+    uncorrelated on the auxiliary images with the ones before (Gram-Schmidt in their covariance), so that a
+    sample's bins in different groups are close to independent draws."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(count, flat.shape[1], generator=gen, dtype=torch.float64)
     if measurement == "brightness":
-        m = torch.full((flat.shape[1],), 1.0 / flat.shape[1])
-    elif measurement == "random":
-        m = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed))
-        m /= m.norm()
-    else:
+        directions[0] = 1.0
+    elif measurement != "random":
         raise UsageError(f"unknown RtF measurement '{measurement}'; choose brightness or random.")
-    h = flat @ m
+    projections = (flat - flat.mean(0)).double() @ directions.T  # each direction's centred statistic
+    for i in range(1, count):
+        for j in range(i):
+            p = projections[:, j]
+            coef = (projections[:, i] @ p) / (p @ p).clamp_min(1e-30)
+            directions[i] -= coef * directions[j]
+            projections[:, i] -= coef * p
+    return (directions / directions.norm(dim=1, keepdim=True)).float()
+
+
+def bin_thresholds(h: torch.Tensor, bins: int, thresholds: str) -> torch.Tensor:
+    """Thresholds at the k/K quantiles of h's distribution, the first far below every sample so each falls in
+    some bin. "gaussian" fits h's mean and std and takes the normal quantiles, as Fowl et al. assume a known
+    distribution (with ~100 auxiliary images the empirical k/K quantiles are noisy and leave uneven bins);
+    "empirical" takes the auxiliary images' own quantiles."""
     quantiles = torch.arange(bins, dtype=torch.float64) / bins
     if thresholds == "gaussian":
         cuts = torch.distributions.Normal(h.double().mean(), h.double().std()).icdf(quantiles.clamp_min(1e-12)).float()
@@ -365,13 +408,35 @@ def imprint_block(
     else:
         raise UsageError(f"unknown RtF thresholds '{thresholds}'; choose gaussian or empirical.")
     cuts[0] = h.min() - 10 * (h.max() - h.min())
-    largest = F.relu(h[:, None] - cuts).sum(1).max()
-    return ImprintBlock(m, cuts, scale=0.1 / float(largest))
+    return cuts
 
 
-def bin_differences(bins: int) -> torch.Tensor:
-    """The RtF readout combinations: neuron k minus neuron k + 1 (the last bin is its own neuron)."""
-    return torch.eye(bins) - torch.diag(torch.ones(bins - 1), 1)
+def imprint_block(
+    aux_images: torch.Tensor,
+    bins: int,
+    measurement: str,
+    seed: int,
+    thresholds: str = "gaussian",
+    measurements: int = 1,
+) -> ImprintBlock:
+    """An imprint of `bins` neurons over `measurements` statistics (split_bins), thresholds from the
+    auxiliary images. `measurement`: "brightness" (mean pixel) or "random" for the first statistic.
+
+    The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
+    images: large enough for float32 readouts, small enough that the model behind it keeps working and
+    a training step stays finite (the weights of the original block made training diverge)."""
+    flat = aux_images.flatten(1)
+    groups = split_bins(bins, measurements)
+    directions = measurement_directions(flat, measurements, measurement, seed)
+    rows = directions.repeat_interleave(torch.as_tensor(groups), dim=0)
+    cuts = torch.cat([bin_thresholds(flat @ m, size, thresholds) for m, size in zip(directions, groups, strict=True)])
+    largest = F.relu(flat @ rows.T - cuts).sum(1).max()
+    return ImprintBlock(rows, cuts, scale=0.1 / float(largest), groups=groups)
+
+
+def bin_differences(groups: list[int]) -> torch.Tensor:
+    """The RtF readout combinations: in each group, neuron k minus neuron k + 1 (its last bin is its own neuron)."""
+    return torch.block_diag(*[torch.eye(n) - torch.diag(torch.ones(n - 1), 1) for n in groups])
 
 
 # --- the attacks: what the server sends, and what it reads back ---------------------------------------
@@ -389,17 +454,24 @@ def giavmp_model(
 
 
 def rtf_model(
-    model: nn.Module, aux_images: torch.Tensor, bins: int, measurement: str, seed: int, thresholds: str = "gaussian"
+    model: nn.Module,
+    aux_images: torch.Tensor,
+    bins: int,
+    measurement: str,
+    seed: int,
+    thresholds: str = "gaussian",
+    measurements: int = 1,
 ) -> Imprinted:
-    """The model RtF sends: an imprint block of `bins` bins in front of the honest model."""
-    return Imprinted(imprint_block(aux_images, bins, measurement, seed, thresholds), copy.deepcopy(model))
+    """The model RtF sends: an imprint block of `bins` neurons in front of the honest model."""
+    block = imprint_block(aux_images, bins, measurement, seed, thresholds, measurements)
+    return Imprinted(block, copy.deepcopy(model))
 
 
 def read_update(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int) -> TrapReadout:
     """Read the samples off the update of a model the server sent: bins for an imprint, neurons otherwise.
     Under secure aggregation the update sums several clients' mean gradients, read as one larger batch."""
     grad_w, grad_b = trap_gradients(model, update)
-    combos = bin_differences(len(grad_b)) if isinstance(model, Imprinted) else None
+    combos = bin_differences(model.imprint.groups) if isinstance(model, Imprinted) else None
     batch = update.batch_size * update.num_clients
     scale = 1.0 / update.num_clients
     return read_trap(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos)
@@ -441,10 +513,6 @@ def detect_poisoning(
 # --- the registry entries (gradient_attack.py calls prepare once per attack, run once per batch) ------
 
 
-def _aux_images(aux: DataSplit) -> torch.Tensor:
-    return torch.cat([aux.x_train, aux.x_test]) if aux.is_image else aux.x_train
-
-
 def honest_training(model: nn.Module, aux: DataSplit, epochs: int, seed: int) -> nn.Module:
     """A copy of `model` after `epochs` of plain Adam training on the auxiliary training split: the global
     model an honest server would send. The detector needs it: next to a fresh model at chance accuracy a
@@ -474,15 +542,18 @@ def prepare_giavmp(
     """GIAvMP's poisoned model, fitted for the study's largest batch (thresholds at rate 1/B still leave
     each sample of a smaller batch alone on several neurons)."""
     honest = _honest_model(model, aux, cfg)
-    sent = giavmp_model(honest, _aux_images(aux), max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
+    sent = giavmp_model(honest, aux.x_train, max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
     return Served(honest, sent)
 
 
 def prepare_rtf(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
 ) -> Served:
+    """RtF's imprinted model; with --rtf-measurements 0 the imprint measures as many statistics as recover
+    the most of the study's batch sizes in simulation (best_measurement_count)."""
     honest = _honest_model(model, aux, cfg)
-    sent = rtf_model(honest, _aux_images(aux), cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds)
+    count = cfg.rtf_measurements or best_measurement_count(cfg.rtf_bins, cfg.batch_sizes)
+    sent = rtf_model(honest, aux.x_train, cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds, count)
     return Served(honest, sent)
 
 

@@ -1,12 +1,13 @@
 """Benchmark of the malicious-server attacks: mean PSNR of the matched reconstructions, recovered fraction
 (PSNR >= 30 dB), exact readouts and seconds per batch on this machine, per dataset, batch size, attack and
-mechanism. Prints two Markdown tables: the attacks without a defense, averaged over several seeded batch
+mechanism. Prints three Markdown tables: the attacks without a defense, averaged over several seeded batch
 draws (the recovered fraction of RtF is a random quantity; one draw says little about its expectation),
-and the mechanisms on one draw.
+the mechanisms on one draw, and RtF's recovered fraction by K and B for one statistic and for the
+design the attack picks.
 
-Attacks: GIAvMP on fcnn; RtF (K = 128 bins, random measurement) with Gaussian-fitted and with empirical
-thresholds in front of fcnn; GIAvMP on cnn-wide (features read exactly, then inverted; B = 16 and one draw
-only, the inversion costs about a second per image on a CPU). Victim and auxiliary data are disjoint: digits attacks batches
+Attacks: GIAvMP on fcnn; RtF (K = 128 neurons over the two random statistics --rtf-measurements 0 picks
+for these batch sizes, Gaussian-fitted thresholds) in front of fcnn; GIAvMP on cnn-wide (features read
+exactly, then inverted; B = 16 and one draw only, the inversion costs about a second per image on a CPU). Victim and auxiliary data are disjoint: digits attacks batches
 from its test split and fits on its training split; faces (200 images) attacks a seeded draw of B images
 and fits on the other 200 - B.
 
@@ -38,6 +39,8 @@ BATCH_SIZES = [16, 32, 64, 128]
 MECHANISMS = ["dp-sgd:8", "noise:1e-4", "noise:1e-3", "prune:0.2", "quantize:4", "topk:0.1"]
 SEED_PSNR = {16: 67.0, 32: 59.0, 64: 44.4, 128: 25.9}  # GIAvMP's FCNN table on CIFAR-10 (seed study)
 RTF_BINS = 128
+RTF_STATISTICS = analytic.best_measurement_count(RTF_BINS, BATCH_SIZES)  # what --rtf-measurements 0 picks: 2
+RTF_SWEEP = [64, 128, 256]  # K in the RtF table by K and B
 DRAWS = 5  # seeded batch draws averaged per cell without a defense
 CNN_MAX_BATCH = 16
 CNN_STEPS = 200
@@ -67,8 +70,7 @@ def servers(dataset: str, batch_size: int, aux: torch.Tensor, shape: tuple[int, 
     fcnn = create_model("fcnn", shape, classes)
     sent = {
         "giavmp": analytic.giavmp_model(fcnn, aux, batch_size, 4, seed, cache),
-        "rtf-gaussian": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian"),
-        "rtf-empirical": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "empirical"),
+        "rtf": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian", RTF_STATISTICS),
     }
     if batch_size <= CNN_MAX_BATCH and seed == 0:
         cnn = create_model("cnn-wide", shape, classes)
@@ -89,6 +91,33 @@ def attack_once(model, images, labels, mech: MechanismSpec, setup: ClientSetup, 
     psnr = np.array(scores["psnr"])
     return {"psnr": psnr.mean(), "ssim": np.mean(scores["ssim"]), "recovered": (psnr >= 30).mean(),
             "exact": readout.exact, "seconds": seconds}  # fmt: skip
+
+
+def rtf_sweep(batch_sizes: list[int], draws: int) -> list[list]:
+    """RtF's recovered fraction by K and B, one statistic against the design --rtf-measurements 0 picks for
+    that K and B, next to the uniform-binning expectation (1 - 1/K)^(B - 1)."""
+    none = parse_mechanisms(["none"])[0]
+    rows = []
+    for dataset in ["digits", "faces"]:
+        for bins in RTF_SWEEP:
+            for batch_size in batch_sizes:
+                count = analytic.best_measurement_count(bins, [batch_size])
+                recovered: dict[int, list[float]] = {1: [], count: []}
+                for seed in range(draws):
+                    images, labels, aux = victim_and_aux(dataset, batch_size, seed)
+                    torch.manual_seed(seed)
+                    fcnn = create_model("fcnn", tuple(images.shape[1:]), 10 if dataset == "digits" else 2)
+                    for m in recovered:
+                        sent = analytic.rtf_model(fcnn, aux, bins, "random", seed, "gaussian", m)
+                        result = attack_once(
+                            sent, images, labels, none, ClientSetup(), 10 if dataset == "digits" else 2
+                        )
+                        recovered[m].append(result["recovered"])
+                expected = (1 - 1 / bins) ** (batch_size - 1)
+                rows.append([dataset, bins, batch_size, draws, np.mean(recovered[1]), count, np.mean(recovered[count]),
+                             expected])  # fmt: skip
+                print(*rows[-1], flush=True, file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -130,6 +159,9 @@ def main() -> None:
     print(
         markdown_table(["dataset", "attack", "B", "mechanism", "PSNR (dB)", "recovered", "exact", "s/batch"], defended)
     )
+    print("RtF recovered fraction by K and B (mean over seeded batch draws):\n")
+    header = ["dataset", "K", "B", "draws", "1 statistic", "statistics chosen", "chosen design", "(1 - 1/K)^(B - 1)"]
+    print(markdown_table(header, rtf_sweep(batch_sizes, draws)))
 
 
 if __name__ == "__main__":

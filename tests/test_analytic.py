@@ -69,9 +69,10 @@ def test_giavmp_layer_is_fitted_on_aux_data_only_and_cached(digits, tmp_path):
 
 
 def _bins(sent, images):
-    """The bin of each image: how many of the imprint's neurons it fires, minus one."""
+    """The bin of each image in each statistic (columns): how many of that group's neurons it fires, minus one."""
     with torch.no_grad():
-        return (sent.imprint.linear0(images.flatten(1)) > 0).sum(1) - 1
+        fired = sent.imprint.linear0(images.flatten(1)) > 0
+    return torch.stack([group.sum(1) - 1 for group in fired.split(sent.imprint.groups, dim=1)], 1).squeeze(1)
 
 
 def test_rtf_recovers_samples_alone_in_their_bins(digits):
@@ -112,6 +113,45 @@ def test_dp_noise_destroys_the_readout(digits, tmp_path):
     readout, recs, _ = _attack(sent, images, labels, digits.num_classes, setup, mechanism="dp-sgd")
     assert readout.exact == 0
     assert np.mean(reconstruction_scores(images, recs)["psnr"]) < 20
+
+
+def test_rtf_peeling_recovers_a_sample_that_is_alone_nowhere(digits):
+    """Two statistics: b shares its first-statistic bin with a and its second-statistic bin with c, so no
+    readout holds b alone; a and c are read first, subtracted, and b is then read exactly."""
+    torch.manual_seed(0)
+    model = create_model("fcnn", digits.input_shape, digits.num_classes)
+    sent = analytic.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0, measurements=2)
+    assert sent.imprint.groups == [32, 32]
+    bins = _bins(sent, digits.x_test).tolist()
+    a, b, c = next(
+        (a, b, c)
+        for a in range(len(bins))
+        for b in range(len(bins))
+        for c in range(len(bins))
+        if len({a, b, c}) == 3 and bins[a][0] == bins[b][0] != bins[c][0] and bins[b][1] == bins[c][1] != bins[a][1]
+    )
+    pick = torch.as_tensor([a, b, c])
+    readout, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
+    assert readout.exact == 3 and readout.collisions == 0
+    assert _matched_error(digits.x_test[pick], recs).max() < 1e-4
+
+
+def test_the_imprint_design_beats_uniform_binning(digits):
+    """The simulation agrees with (1 - 1/K)^(B - 1) for one statistic; the chosen design (two statistics for
+    K = 128 and B <= K) recovers at least that share of real batches, and the statistics are uncorrelated."""
+    assert abs(analytic.simulated_recovery(64, [64], draws=2000) - (1 - 1 / 64) ** 63) < 0.015
+    assert analytic.best_measurement_count(128, [16, 32, 64, 128]) == 2
+    assert analytic.best_measurement_count(32, [128]) == 1  # B >> K: splitting the bins only costs
+    directions = analytic.measurement_directions(digits.x_train.flatten(1), 3, "random", seed=0)
+    assert np.abs(np.corrcoef((digits.x_train.flatten(1) @ directions.T).T.numpy())[np.triu_indices(3, 1)]).max() < 1e-5
+    model = create_model("fcnn", digits.input_shape, digits.num_classes)
+    sent = analytic.rtf_model(model, digits.x_train, bins=128, measurement="random", seed=0, measurements=2)
+    recovered = []
+    for seed in range(3):
+        pick = torch.randperm(len(digits.x_test), generator=torch.Generator().manual_seed(seed))[:32]
+        _, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
+        recovered.append(np.mean(np.array(reconstruction_scores(digits.x_test[pick], recs)["psnr"]) >= 30))
+    assert np.mean(recovered) >= (1 - 1 / 128) ** 31
 
 
 @pytest.mark.parametrize("name", ["fcnn", "cnn", "lenet"])

@@ -146,6 +146,7 @@ def not_an_image(tmp_path):
         (["--mechanisms", "secagg:2000"], "needs 1999 other clients' images"),
         (["--from-run", "NOT_A_RUN"], "is not a finished train.py run"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
+        (["--rtf-bins", "8", "--rtf-measurements", "5"], "--rtf-measurements 5 must lie in [0, 4]"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys, not_an_image, args, message):
@@ -158,3 +159,13 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_servers_auxiliary_data_holds_neither_the_victims_images_nor_the_clients_test_split():
+    cfg = config.parse(config.AttackConfig, ["--num-images", "8"])
+    split = gradient_attack.load_data(cfg, "digits", dataclasses.asdict(config.TrainConfig()))
+    data = gradient_attack.private_data(cfg, split, 8)
+    aux = gradient_attack.aux_data(split, data.exclude)
+    assert len(data.exclude) == 8 and len(aux.x_test) == 0 and len(split.x_test) > 0
+    others = [i for i in range(len(split.x_train)) if i not in data.exclude]
+    assert torch.equal(aux.x_train, split.x_train[others])
