@@ -411,29 +411,6 @@ def bin_thresholds(h: torch.Tensor, bins: int, thresholds: str) -> torch.Tensor:
     return cuts
 
 
-def imprint_block(
-    aux_images: torch.Tensor,
-    bins: int,
-    measurement: str,
-    seed: int,
-    thresholds: str = "gaussian",
-    measurements: int = 1,
-) -> ImprintBlock:
-    """An imprint of `bins` neurons over `measurements` statistics (split_bins), thresholds from the
-    auxiliary images. `measurement`: "brightness" (mean pixel) or "random" for the first statistic.
-
-    The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
-    images: large enough for float32 readouts, small enough that the model behind it keeps working and
-    a training step stays finite (the weights of the original block made training diverge)."""
-    flat = aux_images.flatten(1)
-    groups = split_bins(bins, measurements)
-    directions = measurement_directions(flat, measurements, measurement, seed)
-    rows = directions.repeat_interleave(torch.as_tensor(groups), dim=0)
-    cuts = torch.cat([bin_thresholds(flat @ m, size, thresholds) for m, size in zip(directions, groups, strict=True)])
-    largest = F.relu(flat @ rows.T - cuts).sum(1).max()
-    return ImprintBlock(rows, cuts, scale=0.1 / float(largest), groups=groups)
-
-
 def bin_differences(groups: list[int]) -> torch.Tensor:
     """The RtF readout combinations: in each group, neuron k minus neuron k + 1 (its last bin is its own neuron)."""
     return torch.block_diag(*[torch.eye(n) - torch.diag(torch.ones(n - 1), 1) for n in groups])
@@ -462,9 +439,20 @@ def rtf_model(
     thresholds: str = "gaussian",
     measurements: int = 1,
 ) -> Imprinted:
-    """The model RtF sends: an imprint block of `bins` neurons in front of the honest model."""
-    block = imprint_block(aux_images, bins, measurement, seed, thresholds, measurements)
-    return Imprinted(block, copy.deepcopy(model))
+    """The model RtF sends: an imprint of `bins` neurons over `measurements` statistics (split_bins), with
+    thresholds from the auxiliary images, in front of the honest model. `measurement`: "brightness" (mean
+    pixel) or "random" for the first statistic.
+
+    The back layer's weight is scaled so that the block shifts pixels by at most 0.1 on the auxiliary
+    images: large enough for float32 readouts, small enough that the model behind it keeps working and
+    a training step stays finite (the weights of the original block made training diverge)."""
+    flat = aux_images.flatten(1)
+    groups = split_bins(bins, measurements)
+    directions = measurement_directions(flat, measurements, measurement, seed)
+    rows = directions.repeat_interleave(torch.as_tensor(groups), dim=0)
+    cuts = torch.cat([bin_thresholds(flat @ m, size, thresholds) for m, size in zip(directions, groups, strict=True)])
+    largest = F.relu(flat @ rows.T - cuts).sum(1).max()
+    return Imprinted(ImprintBlock(rows, cuts, scale=0.1 / float(largest), groups=groups), copy.deepcopy(model))
 
 
 def read_update(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int) -> TrapReadout:
