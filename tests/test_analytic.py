@@ -194,6 +194,9 @@ def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_pat
     features = analytic.layer_inputs(sent, images)
     assert not analytic.reads_pixels(sent, digits.input_shape) and readout.exact == 2
     assert torch.cdist(readout.inputs[:2], features).amin(1).max() < 1e-4 * features.abs().max()
+    # The gradient-matching term vanishes at the private batch (in any order) and not at random images.
+    error = analytic.conv_gradient_error(sent, readout.inputs[:2], readout.labels[:2], digits.input_shape, update)
+    assert error(images.flip(0)).item() < 1e-6 and error(torch.rand_like(images)).item() > 0.1
     cfg = AttackConfig(giavmp_inversion_steps=80, log_every=40)
     logged = []
     rec = analytic.run_analytic(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
