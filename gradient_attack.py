@@ -254,6 +254,7 @@ def attack_run(
     trajectory: list[dict[str, Any]] = []
     snapshots: dict[int, list[torch.Tensor]] = {}
     finals, recovered_labels, per_image, losses, failed, failed_restarts = [], [], [], [], 0, 0
+    readouts: dict[str, int] = {}  # the analytic attacks' exact readouts and collisions, summed over batches
     setup, epsilon = client_setup(victim, mech, len(split.x_train), cfg.seed)
     for batch in range(len(data.images) // batch_size):
         part = slice(batch * batch_size, (batch + 1) * batch_size)
@@ -277,12 +278,15 @@ def attack_run(
         losses.append(rec.loss)
         failed += rec.failed
         failed_restarts += rec.failed_restarts
+        if rec.exact is not None:
+            readouts["exact_readouts"] = readouts.get("exact_readouts", 0) + rec.exact
+            readouts["collisions"] = readouts.get("collisions", 0) + (rec.collisions or 0)
     final = torch.cat(finals)
     row = summary_row(cfg, run_cfg, per_image, losses, epsilon, time.perf_counter() - start)
     row |= {key: (detection or {}).get(key) for key in DETECTION_COLUMNS}  # empty unless a server poisoned
     write_run(run_dir, data, final, torch.cat(recovered_labels), trajectory, snapshots)
     psnr = np.array([p["psnr"] for p in per_image])
-    extra = {"failed_batches": failed, "failed_restarts": failed_restarts, "per_image": per_image}
+    extra = {"failed_batches": failed, "failed_restarts": failed_restarts, **readouts, "per_image": per_image}
     extra |= {f"recovered_fraction_{db}db": float((psnr >= db).mean()) for db in (20, 30, 40)}
     utils.write_json(run_dir / "metrics.json", {**row, **extra})
     return row

@@ -31,6 +31,8 @@ class Reconstruction:
     loss: float
     failed: bool = False  # every restart diverged (NaN/inf loss) or the attack could not read the update
     failed_restarts: int = 0
+    exact: int | None = None  # analytic attacks: readouts that passed the single-sample check (distinct samples)
+    collisions: int | None = None  # ... and readouts that carry several samples (not exact, reported apart)
 
 
 @dataclass(frozen=True)

@@ -646,10 +646,10 @@ def run_analytic(
     if reads_pixels(cpu_model, input_shape):
         images, labels = readout_images(readout, count, input_shape)
         observe(1, images, labels, readout.unexplained)
-        return Reconstruction(images=images, labels=labels, loss=readout.unexplained)
+        return Reconstruction(images, labels, readout.unexplained, exact=readout.exact, collisions=readout.collisions)
     features, labels = readout_rows(readout, count)
     images, error = invert_features(cpu_model, features, labels, input_shape, cpu_update, cfg, observe)
-    return Reconstruction(images=images, labels=labels, loss=error)
+    return Reconstruction(images, labels, error, exact=readout.exact, collisions=readout.collisions)
 
 
 ATTACKS = {

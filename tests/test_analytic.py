@@ -220,9 +220,11 @@ def test_the_study_reports_the_clients_poisoning_check(tmp_path):
     assert rows["giavmp"]["poisoning_detected"] == "True" and float(rows["giavmp"]["recovered_fraction"]) == 1.0
     assert giavmp["recovered_fraction_20db"] >= giavmp["recovered_fraction_30db"] >= giavmp["recovered_fraction_40db"]
     assert giavmp["recovered_fraction_40db"] == 1.0
+    assert giavmp["exact_readouts"] == 4 and giavmp["collisions"] >= 0  # each sample read exactly, once
     rtf = utils.read_json(out / rows["rtf"]["run"] / "metrics.json")
     assert rtf["honest_accuracy"] == giavmp["honest_accuracy"]  # the same honest model behind both servers
     assert abs(rtf["received_accuracy"] - rtf["honest_accuracy"]) < 0.1  # the imprint barely changes the model
+    assert rtf["exact_readouts"] + rtf["collisions"] >= 1 and rtf["exact_readouts"] <= 4
 
 
 def test_a_mixture_that_passes_the_check_by_chance_does_not_displace_a_sample(digits, tmp_path):
