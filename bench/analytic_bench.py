@@ -43,7 +43,7 @@ RTF_STATISTICS = analytic.best_measurement_count(RTF_BINS, BATCH_SIZES)  # what 
 RTF_SWEEP = [64, 128, 256]  # K in the RtF table by K and B
 DRAWS = 5  # seeded batch draws averaged per cell without a defense
 CNN_MAX_BATCH = 16
-CNN_STEPS = 200
+CNN_STEPS = 300
 
 
 def victim_and_aux(name: str, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
