@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 CHECK_TOLERANCE = 2e-5  # relative mismatch below which a readout counts as one sample: float32 readouts of real
 # samples stay below ~7e-6, while at 1e-4 one mixture in ~500 checked readouts passed by chance (digits, B = 16)
+ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 rounding error, relative to it: an RtF
+# bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
+# confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
 PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 INVERSION_LR = 0.2  # first Adam step on pixels in [0, 1] when inverting conv features (GIAvMP on a CNN), decayed
@@ -174,10 +177,13 @@ def read_trap(
     combos = combos.double()
     floor = SIGNAL_FLOOR * (combos @ db).abs().max().clamp_min(1e-30)
     silent = db.abs() <= SIGNAL_FLOOR * db.abs().max()  # neurons no sample fired
+    rounding = rounding_errors(combos, db)
     known_x, known_y, known_rank = [], [], []
     for _ in range(PEEL_ROUNDS):
-        cand_x, cand_y, error = _check_readouts(model, combos, dw, db, floor, silent, num_classes, input_shape)
-        ok = error < CHECK_TOLERANCE
+        cand_x, cand_y, error = _check_readouts(
+            model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
+        )
+        ok = error < 1
         new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
         if not len(new):
             break
@@ -203,6 +209,16 @@ def read_trap(
     )
 
 
+def rounding_errors(combos: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+    """The float32 rounding error to expect in each readout's bias gradient: machine epsilon times the
+    absolute gradient mass of the neurons it combines. A neuron's mass is estimated as the sum of the
+    absolute readouts it contains (for RtF's cumulative neurons, the bins above its threshold), since
+    samples of opposite signs cancel in the neuron's own sum but not in its rounding."""
+    readouts = (combos @ db).abs()
+    masses = torch.linalg.inv(combos).abs() @ readouts
+    return torch.finfo(torch.float32).eps * (combos.abs() @ masses)
+
+
 def _check_readouts(
     model: nn.Module,
     combos: torch.Tensor,
@@ -210,13 +226,16 @@ def _check_readouts(
     db: torch.Tensor,
     floor: torch.Tensor,
     silent: torch.Tensor,
+    rounding: torch.Tensor,
     num_classes: int,
     input_shape: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates x = dW/db of the readouts that carry gradient, the best label of each, and its relative
-    mismatch between the observed readout and the one a lone sample (x, label) would give. One scalar
-    per readout can match by chance among thousands, so a candidate that would fire a `silent` neuron
-    (one that no sample of the batch fired) is no sample of the batch and gets an infinite mismatch."""
+    mismatch between the observed readout and the one a lone sample (x, label) would give, in units of the
+    tolerance (below 1: one sample): CHECK_TOLERANCE plus ROUNDING_MARGIN times the readout's `rounding`
+    error relative to it. One scalar per readout can match by chance among thousands, so a candidate that
+    would fire a `silent` neuron (one that no sample of the batch fired) is no sample of the batch and gets
+    an infinite mismatch."""
     obs_w, obs_b = combos @ dw, combos @ db
     rows = (obs_b.abs() > floor).nonzero().squeeze(1)
     rows = rows[obs_b[rows].abs().argsort(descending=True)]  # best conditioned first: they win deduplication
@@ -229,6 +248,7 @@ def _check_readouts(
     predicted = (g.view(len(rows), num_classes, -1) * combos[rows][:, None, :]).sum(-1)
     error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
     error[((g.view(len(rows), num_classes, -1) != 0) & silent).any(-1)] = math.inf
+    error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows, None] / observed.abs()
     best = error.min(1)
     return x, best.indices, best.values
 
