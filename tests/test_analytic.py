@@ -61,11 +61,14 @@ def test_giavmp_layer_is_fitted_on_aux_data_only_and_cached(digits, tmp_path):
     other = analytic.giavmp_model(model, torch.cat([aux, victim]), 8, 2, 0, tmp_path)
     assert len(list(tmp_path.glob("giavmp-*.safetensors"))) == 2
     assert not torch.equal(analytic.trap_layer(first).bias, analytic.trap_layer(other).bias)
-    # Each neuron fires for about 1/B of the auxiliary samples, the rate that maximises lone activations.
+    # Each neuron fires for r/B of the auxiliary samples, r in FIRING_RATES: mostly 1/B, the rate that
+    # maximises lone activations.
     fires = (
         analytic.layer_inputs(first, aux) @ analytic.trap_layer(first).weight.T + analytic.trap_layer(first).bias
     ) > 0
-    assert abs(fires.float().mean().item() - 1 / 8) < 0.01
+    rates = fires.float().mean(0) * 8
+    assert all(min(abs(r - allowed) for allowed in analytic.FIRING_RATES) < 0.05 for r in rates.tolist())
+    assert (rates - 1).abs().lt(0.05).float().mean() > 0.3
 
 
 def _bins(sent, images):
