@@ -53,9 +53,10 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
-FIRING_RATES = (1, 1, 1, 1, 1, 2, 4, 8)  # GIAvMP's neurons fire for this many samples of a batch (cycled). On
-# faces (B = 64, 128, 2 draws) peeling then reads 91% / 82% of a batch against 76% / 79% with every neuron at 1;
-# more dense neurons read more but leave fewer exact zeros in the gradient, so prune:0.2 cuts real readouts
+FIRING_RATES = (1, 1, 1, 1, 1, 1, 1, 2)  # GIAvMP's neurons fire for this many samples of a batch (cycled). On faces
+# (B = 16-128, 3 draws) peeling then reads 98/96/85/81% of a batch against 88/92/80/78% with every neuron at 1, and
+# more under prune:0.2 too; denser mixes (up to 8) read more without a defense but leave fewer exact zeros in the
+# gradient, so pruning its smallest 20% cut real readouts (41% at B = 32)
 PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 INVERSION_LR = 0.2  # first Adam step on pixels in [0, 1] when inverting conv features (GIAvMP on a CNN), decayed
 # to 0 on a cosine: +6 dB on digits and faces (B = 16, 3 draws) over a constant 0.05, which converged too slowly
@@ -280,7 +281,7 @@ def fit_malicious_layer(
 
     Each neuron is a random direction whose bias puts its threshold at the 1 - r/B quantile of the
     auxiliary features, so it fires for r samples of a batch on average. Most have r = 1, the rate that
-    maximises p (1 - p)^(B - 1), the chance of a lone activation; the others (FIRING_RATES) fire for 2 to 8
+    maximises p (1 - p)^(B - 1), the chance of a lone activation; the others (FIRING_RATES) fire for 2
     samples, so that a sample deep inside the data, which no rarely-firing half-space holds, shares a few
     neurons with samples that peeling (read_trap) subtracts once they are read off their own neurons.
     Fitting on auxiliary data then picks, from `pool` times more directions than neurons, greedily those
