@@ -131,16 +131,16 @@ class AttackConfig:
     # malicious-server attacks (giavmp, rtf)
     giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
     rtf_bins: int = 128  # imprint neurons K; with one statistic a sample is alone in its bin w.p. (1 - 1/K)^(B - 1)
-    rtf_measurements: int = 0  # statistics the K neurons are split among; 0 = the count that recovers most of
-    # --batch-sizes in simulation (2 for B up to K = 128: peeling across statistics resolves shared bins)
+    rtf_measurements: int = 0  # statistics the K neurons are split among (0: the count best for --batch-sizes)
+    # 0 simulates the readout for each count: 2 for B up to K = 128, as peeling across statistics resolves shared bins
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: honest training on aux data first, so the detector
     # compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run uses the run's weights
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
     giavmp_inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
-    giavmp_gradient_weight: float = 0.1  # ... and the pull of the conv-gradient matching term, relative to the
-    # feature term's (0 = feature matching alone; level with it in our measurements, at 2-3x the cost)
+    giavmp_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)
+    # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
 
     def validate(self) -> None:
