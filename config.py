@@ -31,16 +31,16 @@ class TrainConfig:
     epochs: int = 15  # faces: the plain CNN reaches ~0.98 test accuracy; the default study takes ~1-3 min on 2 CPUs
     batch_size: int = 32  # expected batch size; DP-SGD samples each example with rate batch_size / N
     lr: float = 0.05  # SGD learning rate (momentum 0.9)
-    reg_sigma: float = 0.3  # PDP-SGD noise scale σ; κ = (lr · σ)². At σ = 1 the penalty swamps the CNN's loss
-    # (about 5.5 vs 0.69 at init on faces) and training collapses to chance; at 0.3 it is about 0.5 and regularizes
+    reg_sigma: float = 0.3  # PDP-SGD noise scale σ; penalty weight κ = (lr · σ)² (σ = 1 drove the cnn to chance)
+    # at σ = 1 the penalty swamps the CNN's loss (about 5.5 vs 0.69 at init on faces); at 0.3 it is about 0.5
     test_fraction: float = 0.25  # held-out share of the embedded sets (stratified, seeded)
     image_size: int = 64  # side length for image folders and photos; pretrained backbones resize to 224
     pretrained: bool = True  # --no-pretrained builds resnet50/dinov2 with random weights (smoke tests)
     feature_cache: bool = True  # head-only models train on backbone features computed once per split
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
-    threads: int = 1  # torch CPU threads: the cnn trained 25x faster on 1 than on 2 on a busy 2-core CPU;
-    # 0 keeps torch's default (one per core), worth it for resnet50/dinov2 feature extraction on an idle machine
+    threads: int = 1  # torch CPU threads (0: torch's default, one per core, worth it for resnet50/dinov2)
+    # the cnn trained 25x faster on 1 than on 2 on a busy 2-core CPU; feature extraction likes every core
     data_root: Path = Path("data")  # where downloaded and image-folder datasets live
     download: bool = True  # fetch torchvision datasets into data_root when missing
     out: Path = Path("runs/train")
@@ -135,8 +135,8 @@ class AttackConfig:
     # 0 simulates the readout for each count: 2 for B up to K = 128, as peeling across statistics resolves shared bins
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
-    honest_epochs: int = 5  # giavmp/rtf on a fresh victim: honest training on aux data first, so the detector
-    # compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run uses the run's weights
+    honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning
+    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run keeps its weights
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
     giavmp_inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
     giavmp_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)
