@@ -118,10 +118,14 @@ def plot_evolution(study: Study, cfg: AnalysisConfig, column: str, ylabel: str, 
     return _save(fig, cfg.out / f"{name}.png", cfg.dpi)
 
 
-def _representatives(study: Study) -> pd.DataFrame:
-    """One run per (scenario, mechanism) to show as pictures: the smallest batch, lowest seed, with snapshots."""
+NO_SNAPSHOTS = "_Skipped: no attack run has a readable snapshots.npz._\n"
+
+
+def _picture_scenarios(study: Study) -> list[tuple[tuple, pd.DataFrame]]:
+    """Per scenario, one run per mechanism to show as pictures: the smallest batch, lowest seed, with snapshots."""
     runs = smallest_batch(study.attack)
-    return runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*SCENARIO, "mechanism"])
+    reps = runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*SCENARIO, "mechanism"])
+    return list(reps.groupby(SCENARIO))
 
 
 def _image_grid(columns: list[tuple[str, np.ndarray]], n: int, title: str) -> plt.Figure:
@@ -141,11 +145,11 @@ def _image_grid(columns: list[tuple[str, np.ndarray]], n: int, title: str) -> pl
 
 def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
     """Per scenario: one row per image, its original first, then each mechanism's final reconstruction."""
-    reps = _representatives(study)
-    if reps.empty:
-        return "_Skipped: no attack run has a readable snapshots.npz._\n"
+    scenarios = _picture_scenarios(study)
+    if not scenarios:
+        return NO_SNAPSHOTS
     markdown = ""
-    for scenario, group in reps.groupby(SCENARIO):
+    for scenario, group in scenarios:
         mechs = mechanism_order(group)
         finals, originals, others = [], None, []
         for mech in mechs:
@@ -167,11 +171,11 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
 
 def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
     """Per scenario and mechanism: each image's original, then its reconstruction at evenly spread snapshots."""
-    reps = _representatives(study)
-    if reps.empty:
-        return "_Skipped: no attack run has a readable snapshots.npz._\n"
+    scenarios = _picture_scenarios(study)
+    if not scenarios:
+        return NO_SNAPSHOTS
     markdown = ""
-    for scenario, group in reps.groupby(SCENARIO):
+    for scenario, group in scenarios:
         for mech in mechanism_order(group):
             run = group[group.mechanism == mech].iloc[0]
             with np.load(run.dir / "snapshots.npz") as npz:
