@@ -7,8 +7,10 @@ one sample activates it, x = (dL/dW_i) / (dL/db_i) exactly. The server therefore
 
 - `giavmp` (model poisoning) replaces the first fully connected layer by malicious parameters fitted on
   auxiliary data, so that in a batch of B each sample is alone on a few of its neurons;
-- `rtf` (Robbing the Fed, Fowl et al. 2021) prepends an imprint block: K ReLU neurons that all measure one
-  linear statistic h(x) with thresholds at its quantiles, so adjacent neurons' differences isolate bins.
+- `rtf` (Robbing the Fed, Fowl et al. 2021) prepends an imprint block: K ReLU neurons that measure a linear
+  statistic h(x) with thresholds at its quantiles, so adjacent neurons' differences isolate bins. The K
+  neurons may be split among several uncorrelated statistics: a sample that shares its bin in one is then
+  usually alone in another, and peeling (below) frees the sample it shared with.
 
 The server sees only the model it sent and the SharedUpdate. It tells an exact readout from a mixture of
 several samples without the private batch: for a candidate x and each label y it recomputes, on the model
@@ -17,7 +19,7 @@ gradient matches it. Known samples are then subtracted from the layer's gradient
 turns neurons that two samples shared into exact readouts of the second one.
 
 On a CNN (`cnn-wide`) the trap is the first FC layer after the convolutions: the readout gives the conv
-features exactly, and `invert_features` finds images with those features. Before poisoning, a fresh
+features exactly, and `invert_features` finds images with those features and the shared conv gradients. Before poisoning, a fresh
 victim gets a short honest training on the auxiliary data (a --from-run victim keeps its weights), so the
 client's check (`detect_poisoning`: accuracy of the received model next to the honest one) means something.
 """
