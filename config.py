@@ -131,8 +131,8 @@ class AttackConfig:
     # malicious-server attacks (giavmp, rtf)
     giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
     rtf_bins: int = 128  # imprint neurons K; with one statistic a sample is alone in its bin w.p. (1 - 1/K)^(B - 1)
-    rtf_measurements: int = 0  # statistics the K neurons are split among (0: the count best for --batch-sizes)
-    # 0 simulates the readout for each count: 2 for B up to K = 128, as peeling across statistics resolves shared bins
+    rtf_measurements: int = 0  # statistics the K neurons are split among (0: the count best for each batch size)
+    # 0 simulates the readout for each count: 2-3 for B < K = 128, as peeling across statistics resolves shared bins
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning

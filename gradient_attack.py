@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import config
 import utils
-from attacks import ATTACKS, Observer, Reconstruction, Served
+from attacks import ATTACKS, Observer, Reconstruction
 from attacks.analytic import detect_poisoning
 from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
@@ -463,13 +463,14 @@ def main(args: list[str] | None = None) -> None:
                     utils.check_finished_run(cfg.out / name, run_cfg, NOT_RESULT_FIELDS)
                 grid.append((attack, mech, batch_size, name, subset, run_cfg))
 
-    servers, detection = {}, {}  # a malicious server's model and the client's check of it, once per attack
+    servers, detection = {}, {}  # a malicious server's model per batch size, and the client's check of each
     for attack in cfg.attacks:
         if ATTACKS[attack].prepare:
             aux = aux_data(split, data.exclude)
             served = ATTACKS[attack].prepare(victim.model, split.input_shape, split.num_classes, aux, cfg)
-            servers[attack] = served.sent
-            detection[attack] = check_received_model(served, split, cfg.poisoning_max_drop)
+            for batch_size, sent in served.sent.items():
+                servers[attack, batch_size] = sent
+                detection[attack, batch_size] = check_received_model(served.honest, sent, split, cfg.poisoning_max_drop)
     rows = []
     for attack in cfg.attacks:
         cells = [g for g in grid if g[0] == attack]
@@ -478,10 +479,9 @@ def main(args: list[str] | None = None) -> None:
                 metrics = utils.read_json(cfg.out / name / "metrics.json")
                 rows.append({k: metrics.get(k) for k in SUMMARY_COLUMNS})
                 continue
-            sent = servers.get(attack, model).to(device)
-            row = attack_run(
-                cfg, name, attack, mech, batch_size, victim, sent, split, subset, device, run_cfg, detection.get(attack)
-            )
+            sent = servers.get((attack, batch_size), model).to(device)
+            check = detection.get((attack, batch_size))
+            row = attack_run(cfg, name, attack, mech, batch_size, victim, sent, split, subset, device, run_cfg, check)
             utils.upsert_summary(cfg.out / "summary.csv", row)
             rows.append(row)
     table = results_table(rows)
@@ -490,11 +490,11 @@ def main(args: list[str] | None = None) -> None:
     print(f"runs in {cfg.out}/, one row each in {cfg.out / 'summary.csv'}.")
 
 
-def check_received_model(served: Served, split: DataSplit, max_drop: float) -> dict[str, Any]:
+def check_received_model(honest: nn.Module, sent: nn.Module, split: DataSplit, max_drop: float) -> dict[str, Any]:
     """The client's poisoning check on its held-out test split; none without held-out data (photos)."""
     if not len(split.x_test):
         return {}
-    return detect_poisoning(served.honest.cpu(), served.sent.cpu(), split.x_test, split.y_test, max_drop)
+    return detect_poisoning(honest.cpu(), sent.cpu(), split.x_test, split.y_test, max_drop)
 
 
 def _prefix(source: dict[str, Any], count: int) -> dict[str, Any]:

@@ -37,18 +37,19 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class Served:
-    """A malicious server's models: the honest one it would have sent, and the one it sends instead; the
-    client's detector compares the two on its held-out data."""
+    """A malicious server's models: the honest one it would have sent, and the one it sends instead to a
+    client training on batches of each size (the server sets the batch size, so it tailors its trap to it);
+    the client's detector compares each with the honest one on its held-out data."""
 
     honest: nn.Module
-    sent: nn.Module
+    sent: dict[int, nn.Module]  # by batch size
 
 
 @dataclass(frozen=True)
 class Attack:
     """One attack: `run(model, update, input_shape, num_classes, cfg, observe) -> Reconstruction`, and for a
-    malicious server `prepare(model, input_shape, num_classes, aux, cfg) -> Served` from the victim's model
-    (aux: a DataSplit disjoint from the victim's images)."""
+    malicious server `prepare(model, input_shape, num_classes, aux, cfg) -> Served` from the victim's model,
+    one sent model per batch size in cfg.batch_sizes (aux: a DataSplit disjoint from the victim's images)."""
 
     run: Callable[..., Reconstruction]
     default_iterations: int

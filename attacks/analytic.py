@@ -564,21 +564,27 @@ def _honest_model(model: nn.Module, aux: DataSplit, cfg: AttackConfig) -> nn.Mod
 def prepare_giavmp(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
 ) -> Served:
-    """GIAvMP's poisoned model, fitted for the study's largest batch (thresholds at rate 1/B still leave
-    each sample of a smaller batch alone on several neurons)."""
+    """GIAvMP's poisoned models, one fitted for each batch size of the study."""
     honest = _honest_model(model, aux, cfg)
-    sent = giavmp_model(honest, aux.x_train, max(cfg.batch_sizes), cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir)
+    sent = {
+        b: giavmp_model(honest, aux.x_train, b, cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir) for b in cfg.batch_sizes
+    }
     return Served(honest, sent)
 
 
 def prepare_rtf(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
 ) -> Served:
-    """RtF's imprinted model; with --rtf-measurements 0 the imprint measures as many statistics as recover
-    the most of the study's batch sizes in simulation (best_measurement_count)."""
+    """RtF's imprinted models, one per batch size; with --rtf-measurements 0 each imprint measures as many
+    statistics as recover the most of its batch size in simulation (best_measurement_count)."""
     honest = _honest_model(model, aux, cfg)
-    count = cfg.rtf_measurements or best_measurement_count(cfg.rtf_bins, cfg.batch_sizes)
-    sent = rtf_model(honest, aux.x_train, cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds, count)
+    sent = {
+        b: rtf_model(
+            honest, aux.x_train, cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds,
+            cfg.rtf_measurements or best_measurement_count(cfg.rtf_bins, [b]),
+        )
+        for b in cfg.batch_sizes
+    }  # fmt: skip
     return Served(honest, sent)
 
 

@@ -5,8 +5,8 @@ draws (the recovered fraction of RtF is a random quantity; one draw says little 
 the mechanisms on one draw, and RtF's recovered fraction by K and B for one statistic and for the
 design the attack picks.
 
-Attacks: GIAvMP on fcnn; RtF (K = 128 neurons over the two random statistics --rtf-measurements 0 picks
-for these batch sizes, Gaussian-fitted thresholds) in front of fcnn; GIAvMP on cnn-wide (features read
+Attacks: GIAvMP on fcnn; RtF (K = 128 neurons over the random statistics --rtf-measurements 0 picks for
+each batch size, Gaussian-fitted thresholds) in front of fcnn; GIAvMP on cnn-wide (features read
 exactly, then inverted; B = 16 and one draw only, the inversion costs about a second per image on a CPU). Victim and auxiliary data are disjoint: digits attacks batches
 from its test split and fits on its training split; faces (200 images) attacks a seeded draw of B images
 and fits on the other 200 - B.
@@ -39,7 +39,6 @@ BATCH_SIZES = [16, 32, 64, 128]
 MECHANISMS = ["dp-sgd:8", "noise:1e-4", "noise:1e-3", "prune:0.2", "quantize:4", "topk:0.1"]
 SEED_PSNR = {16: 67.0, 32: 59.0, 64: 44.4, 128: 25.9}  # GIAvMP's FCNN table on CIFAR-10 (seed study)
 RTF_BINS = 128
-RTF_STATISTICS = analytic.best_measurement_count(RTF_BINS, BATCH_SIZES)  # what --rtf-measurements 0 picks: 2
 RTF_SWEEP = [64, 128, 256]  # K in the RtF table by K and B
 DRAWS = 5  # seeded batch draws averaged per cell without a defense
 CNN_MAX_BATCH = 16
@@ -68,9 +67,10 @@ def servers(dataset: str, batch_size: int, aux: torch.Tensor, shape: tuple[int, 
     classes = 10 if dataset == "digits" else 2
     torch.manual_seed(seed)
     fcnn = create_model("fcnn", shape, classes)
+    statistics = analytic.best_measurement_count(RTF_BINS, [batch_size])  # what --rtf-measurements 0 picks
     sent = {
         "giavmp": analytic.giavmp_model(fcnn, aux, batch_size, 4, seed, cache),
-        "rtf": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian", RTF_STATISTICS),
+        "rtf": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian", statistics),
     }
     if batch_size <= CNN_MAX_BATCH and seed == 0:
         cnn = create_model("cnn-wide", shape, classes)
