@@ -19,9 +19,10 @@ gradient matches it. Known samples are then subtracted from the layer's gradient
 turns neurons that two samples shared into exact readouts of the second one.
 
 On a CNN (`cnn-wide`) the trap is the first FC layer after the convolutions: the readout gives the conv
-features exactly, and `invert_features` finds images with those features and the shared conv gradients. Before poisoning, a fresh
-victim gets a short honest training on the auxiliary data (a --from-run victim keeps its weights), so the
-client's check (`detect_poisoning`: accuracy of the received model next to the honest one) means something.
+features exactly, and `invert_features` finds images with those features and the shared conv gradients.
+Before poisoning, a fresh victim gets a short honest training on the auxiliary data (a --from-run victim
+keeps its weights), so the client's check (`detect_poisoning`: accuracy of the received model next to the
+honest one) means something.
 """
 
 from __future__ import annotations
