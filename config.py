@@ -136,7 +136,7 @@ class AttackConfig:
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning
-    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run keeps its weights
+    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run keeps weights
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
     giavmp_inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
     giavmp_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)

@@ -6,10 +6,10 @@ the mechanisms on one draw, and RtF's recovered fraction by K and B for one stat
 design the attack picks.
 
 Attacks: GIAvMP on fcnn; RtF (K = 128 neurons over the random statistics --rtf-measurements 0 picks for
-each batch size, Gaussian-fitted thresholds) in front of fcnn; GIAvMP on cnn-wide (features read
-exactly, then inverted; B = 16 and one draw only, the inversion costs about a second per image on a CPU). Victim and auxiliary data are disjoint: digits attacks batches
-from its test split and fits on its training split; faces (200 images) attacks a seeded draw of B images
-and fits on the other 200 - B.
+each batch size, Gaussian-fitted thresholds) in front of fcnn; GIAvMP on cnn-wide (features read exactly,
+then inverted; B = 16 and one draw only, the inversion costs under a second per image on a CPU). Victim and
+auxiliary data are disjoint: digits attacks batches from its test split and fits on its training split;
+faces (200 images) attacks a seeded draw of B images and fits on the other 200 - B.
 
     uv run python bench/analytic_bench.py [--quick]
 """
