@@ -404,8 +404,11 @@ def run_config(
     name: str,
     data: PrivateData,
 ) -> dict[str, Any]:
-    """config.json: every AttackConfig field plus this run's own identity."""
+    """config.json: every AttackConfig field that bears on this attack, plus this run's own identity (the
+    malicious-server settings bear only on giavmp and rtf, so changing them does not disown a dlg run)."""
     fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    if not ATTACKS[attack].prepare:
+        fields = {k: v for k, v in fields.items() if k not in MALICIOUS_SERVER_FIELDS}
     fields["images"] = [str(p) for p in cfg.images]
     iterations = cfg.iterations or default_iterations(attack, data.images.shape[1:])
     return {
@@ -415,6 +418,8 @@ def run_config(
     }  # fmt: skip
 
 
+MALICIOUS_SERVER_FIELDS = {"giavmp_per_sample", "rtf_bins", "rtf_measurements", "rtf_measurement", "rtf_thresholds",
+                           "honest_epochs", "poisoning_max_drop", "giavmp_inversion_steps", "giavmp_gradient_weight"}  # fmt: skip
 # Config fields that do not change a run's numbers (the grid's lists name several runs, not this one).
 NOT_RESULT_FIELDS = {"attacks", "mechanisms", "batch_sizes", "log_every", "threads", "device", "data_root", "download",
                      "out", "force", "cache_dir"}  # fmt: skip

@@ -65,6 +65,9 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
     assert len(utils.read_csv(out / "summary.csv")) == 4
     assert run_cli([*args, "--force"]) == 0  # ... unless forced
     assert (run / "metrics.json").stat().st_mtime_ns != stamp
+    stamp = (run / "metrics.json").stat().st_mtime_ns
+    assert run_cli([*args, "--rtf-bins", "64"]) == 0  # a malicious-server setting does not bear on dlg runs
+    assert (run / "metrics.json").stat().st_mtime_ns == stamp
     changed = ["--out", str(out), "--mechanisms", "none", "--iterations", "3", "--log-every", "1", "--num-images", "2"]
     assert run_cli(changed) == 2  # a finished run made with other settings is not silently reused
     assert "already finished with other settings" in capsys.readouterr().err
