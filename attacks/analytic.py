@@ -641,7 +641,8 @@ def invert_features(
     features already pin down most of what the convolutions saw. Returns the images and the final
     feature error."""
     frozen = copy.deepcopy(model).requires_grad_(False)
-    gradient_error = conv_gradient_error(model, features, labels, input_shape, update)
+    weight = cfg.giavmp_gradient_weight  # 0: feature matching alone, with no gradient term to build
+    gradient_error = conv_gradient_error(model, features, labels, input_shape, update) if weight else None
     gen = torch.Generator().manual_seed(cfg.seed)
     dummy = (0.5 + 0.05 * torch.randn(len(features), *input_shape, generator=gen)).requires_grad_(True)
     optimizer = torch.optim.Adam([dummy], lr=INVERSION_LR)
@@ -655,10 +656,10 @@ def invert_features(
         if step == cfg.giavmp_inversion_steps:
             break
         pull = torch.autograd.grad(feature_error + INVERSION_TV * total_variation(dummy), dummy)[0]
-        if cfg.giavmp_gradient_weight:
+        if gradient_error is not None:
             extra = torch.autograd.grad(gradient_error(dummy), dummy)[0]
             ratio = pull.flatten(1).norm(dim=1) / extra.flatten(1).norm(dim=1).clamp_min(1e-30)
-            pull = pull + cfg.giavmp_gradient_weight * extra * ratio.view(per_image)
+            pull = pull + weight * extra * ratio.view(per_image)
         dummy.grad = pull
         optimizer.step()
         schedule.step()
