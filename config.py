@@ -138,8 +138,8 @@ class AttackConfig:
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning
     # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run keeps weights
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
-    giavmp_inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
-    giavmp_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)
+    inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
+    inversion_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)
     # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
 
@@ -190,13 +190,13 @@ class AttackConfig:
             raise UsageError(f"--honest-epochs {self.honest_epochs} must be >= 0 (0 sends the fresh model).")
         if not 0 <= self.poisoning_max_drop <= 1:
             raise UsageError(f"--poisoning-max-drop {self.poisoning_max_drop} must lie in [0, 1], e.g. 0.1.")
-        if not 0 <= self.giavmp_gradient_weight <= 10:
+        if not 0 <= self.inversion_gradient_weight <= 10:
             raise UsageError(
-                f"--giavmp-gradient-weight {self.giavmp_gradient_weight} must lie in [0, 10] (0.1 by default; "
+                f"--inversion-gradient-weight {self.inversion_gradient_weight} must lie in [0, 10] (0.1 by default; "
                 "0 inverts the conv features by feature matching alone)."
             )
-        if self.giavmp_inversion_steps < 1:
-            raise UsageError(f"--giavmp-inversion-steps {self.giavmp_inversion_steps} must be at least 1 (e.g. 200).")
+        if self.inversion_steps < 1:
+            raise UsageError(f"--inversion-steps {self.inversion_steps} must be at least 1 (e.g. 200).")
         if self.rtf_measurement not in ("random", "brightness"):
             raise UsageError(f"--rtf-measurement '{self.rtf_measurement}' is unknown; choose random or brightness.")
 

@@ -25,14 +25,30 @@ Grads = tuple[torch.Tensor, ...]
 @dataclass(frozen=True)
 class SharedUpdate:
     """What the server receives: gradients (one per trainable parameter, in model.parameters() order) and
-    the protocol metadata a server knows. Never the private batch."""
+    the protocol metadata a server knows. Never the private batch.
+
+    The protocol is public: which mechanism the clients apply and its settings (the spec's strength, the
+    DP-SGD clip norm and noise multiplier, the regularized loss's penalty weight), so an adaptive attacker
+    can model the mechanism (attacks/matching.py). The noise itself is private."""
 
     gradients: Grads
     batch_size: int  # samples per client
     lr: float
     local_steps: int = 1
     num_clients: int = 1  # > 1 under secure aggregation: `gradients` is the sum of this many clients' updates
-    mechanism: str = "none"  # the protocol's defense is public knowledge
+    mechanism: str = "none"  # the spec, name[:strength]
+    max_grad_norm: float | None = None  # dp-sgd: the per-sample clip norm C
+    noise_multiplier: float | None = None  # dp-sgd: z, noise std z * C on the summed clipped gradients
+    kappa: float = 0.0  # regularized: the penalty weight (lr * reg_sigma)^2
+
+    @property
+    def mechanism_name(self) -> str:
+        return self.mechanism.partition(":")[0]
+
+    @property
+    def strength(self) -> float | None:
+        value = self.mechanism.partition(":")[2]
+        return float(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -249,10 +265,14 @@ def client_update(
         raise ValueError(f"{mechanism.spec} needs {clients - 1} other clients' batches, got {len(others)}")
     generator = torch.Generator().manual_seed(setup.seed)
     grads = mech.apply(model, images, labels, mechanism.strength, setup, generator, others)
+    dp = mechanism.name == "dp-sgd"
     return SharedUpdate(
         gradients=tuple(g.detach() for g in grads),
         batch_size=len(images),
         lr=setup.lr,
         num_clients=clients,
         mechanism=mechanism.spec,
+        max_grad_norm=setup.max_grad_norm if dp else None,
+        noise_multiplier=setup.noise_multiplier if dp else None,
+        kappa=setup.kappa if mechanism.name == "regularized" else 0.0,
     )

@@ -31,7 +31,7 @@ from tqdm import tqdm
 import config
 import utils
 from attacks import ATTACKS, Observer, Reconstruction
-from attacks.analytic import detect_poisoning
+from attacks.malicious import detect_poisoning
 from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from metrics import reconstruction_scores
@@ -419,7 +419,7 @@ def run_config(
 
 
 MALICIOUS_SERVER_FIELDS = {"giavmp_per_sample", "rtf_bins", "rtf_measurements", "rtf_measurement", "rtf_thresholds",
-                           "honest_epochs", "poisoning_max_drop", "giavmp_inversion_steps", "giavmp_gradient_weight"}  # fmt: skip
+                           "honest_epochs", "poisoning_max_drop", "inversion_steps", "inversion_gradient_weight"}  # fmt: skip
 # Config fields that do not change a run's numbers (the grid's lists name several runs, not this one).
 NOT_RESULT_FIELDS = {"attacks", "mechanisms", "batch_sizes", "log_every", "threads", "device", "data_root", "download",
                      "out", "force", "cache_dir"}  # fmt: skip

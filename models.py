@@ -101,9 +101,10 @@ class FrozenBackbone(nn.Module):
         self.backbone.eval()
         return self
 
-    @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of images in [0, 1]: grey to RGB, resize, ImageNet normalisation."""
+        """Backbone features of images in [0, 1]: grey to RGB, resize, ImageNet normalisation. The backbone
+        is frozen but differentiable: a gradient reaches the image (feature inversion needs it); training and
+        the feature cache call it without gradients."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:

@@ -33,6 +33,7 @@ class Reconstruction:
     failed_restarts: int = 0
     exact: int | None = None  # analytic attacks: readouts that passed the single-sample check (distinct samples)
     collisions: int | None = None  # ... and readouts that carry several samples (not exact, reported apart)
+    features: torch.Tensor | None = None  # readout attacks on a CNN or backbone: the layer inputs they read
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def best_of_restarts(
     return replace(best, images=to_unit(best.images), failed_restarts=len(results) - len(finished))
 
 
-from attacks import analytic, optimization  # noqa: E402  (they use the helpers above)
+from attacks import honest, malicious, optimization  # noqa: E402  (they use the helpers above)
 
 ATTACKS.update(optimization.ATTACKS)
-ATTACKS.update(analytic.ATTACKS)
+ATTACKS.update(honest.ATTACKS)
+ATTACKS.update(malicious.ATTACKS)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks import analytic  # noqa: E402
+from attacks import malicious  # noqa: E402
 from config import AttackConfig  # noqa: E402
 from data_sources import DataOptions, load_dataset  # noqa: E402
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms  # noqa: E402
@@ -67,14 +67,14 @@ def servers(dataset: str, batch_size: int, aux: torch.Tensor, shape: tuple[int, 
     classes = 10 if dataset == "digits" else 2
     torch.manual_seed(seed)
     fcnn = create_model("fcnn", shape, classes)
-    statistics = analytic.best_measurement_count(RTF_BINS, [batch_size])  # what --rtf-measurements 0 picks
+    statistics = malicious.best_measurement_count(RTF_BINS, [batch_size])  # what --rtf-measurements 0 picks
     sent = {
-        "giavmp": analytic.giavmp_model(fcnn, aux, batch_size, 4, seed, cache),
-        "rtf": analytic.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian", statistics),
+        "giavmp": malicious.giavmp_model(fcnn, aux, batch_size, 4, seed, cache),
+        "rtf": malicious.rtf_model(fcnn, aux, RTF_BINS, "random", seed, "gaussian", statistics),
     }
     if batch_size <= CNN_MAX_BATCH and seed == 0:
         cnn = create_model("cnn-wide", shape, classes)
-        sent["giavmp-cnn"] = analytic.giavmp_model(cnn, aux, batch_size, 4, seed, cache)
+        sent["giavmp-cnn"] = malicious.giavmp_model(cnn, aux, batch_size, 4, seed, cache)
     return sent, classes
 
 
@@ -82,10 +82,10 @@ def attack_once(model, images, labels, mech: MechanismSpec, setup: ClientSetup, 
     """One batch through the client and the server: PSNR, recovered fraction, exact readouts, seconds."""
     shape = tuple(images.shape[1:])
     update = client_update(model, images, labels, mech, setup)
-    cfg = AttackConfig(giavmp_inversion_steps=CNN_STEPS, log_every=CNN_STEPS)
-    readout = analytic.read_update(model, update, shape, classes)
+    cfg = AttackConfig(inversion_steps=CNN_STEPS, log_every=CNN_STEPS)
+    readout = malicious.read_sent(model, update, shape, classes)
     start = time.perf_counter()
-    recs = analytic.run_analytic(model, update, shape, classes, cfg, lambda *a: None).images
+    recs = malicious.run_malicious(model, update, shape, classes, cfg, lambda *a: None).images
     seconds = time.perf_counter() - start
     scores = reconstruction_scores(images, recs)
     psnr = np.array(scores["psnr"])
@@ -101,14 +101,14 @@ def rtf_sweep(batch_sizes: list[int], draws: int) -> list[list]:
     for dataset in ["digits", "faces"]:
         for bins in RTF_SWEEP:
             for batch_size in batch_sizes:
-                count = analytic.best_measurement_count(bins, [batch_size])
+                count = malicious.best_measurement_count(bins, [batch_size])
                 recovered: dict[int, list[float]] = {1: [], count: []}
                 for seed in range(draws):
                     images, labels, aux = victim_and_aux(dataset, batch_size, seed)
                     torch.manual_seed(seed)
                     fcnn = create_model("fcnn", tuple(images.shape[1:]), 10 if dataset == "digits" else 2)
                     for m in recovered:
-                        sent = analytic.rtf_model(fcnn, aux, bins, "random", seed, "gaussian", m)
+                        sent = malicious.rtf_model(fcnn, aux, bins, "random", seed, "gaussian", m)
                         result = attack_once(
                             sent, images, labels, none, ClientSetup(), 10 if dataset == "digits" else 2
                         )

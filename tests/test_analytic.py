@@ -1,4 +1,4 @@
-"""Malicious-server attacks (attacks/analytic.py): exact readouts, collisions, DP, disjoint aux data, no NaN."""
+"""Malicious-server attacks (attacks/malicious.py): exact readouts, collisions, DP, disjoint aux data, no NaN."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import gradient_attack
 import utils
-from attacks import analytic
+from attacks import inversion, malicious
+from attacks.readout import layer_inputs, readout_images, reads_pixels
 from config import AttackConfig
 from data_sources import DataOptions, load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
@@ -26,8 +27,8 @@ def digits():
 
 def _attack(sent, images, labels, num_classes, setup=None, mechanism="none"):
     update = client_update(sent, images, labels, MechanismSpec(mechanism, None), setup or ClientSetup())
-    readout = analytic.read_update(sent, update, tuple(images.shape[1:]), num_classes)
-    recs, rec_labels = analytic.readout_images(readout, len(images), tuple(images.shape[1:]))
+    readout = malicious.read_sent(sent, update, tuple(images.shape[1:]), num_classes)
+    recs, rec_labels = readout_images(readout, len(images), tuple(images.shape[1:]))
     return readout, recs, rec_labels
 
 
@@ -39,7 +40,7 @@ def _matched_error(originals, recs):
 def test_giavmp_recovers_a_batch_exactly(digits, tmp_path):
     torch.manual_seed(0)
     model = MLP(digits.input_shape, digits.num_classes, hidden=256)
-    sent = analytic.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
+    sent = malicious.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
     images, labels = digits.x_test[:8], digits.y_test[:8]
     readout, recs, rec_labels = _attack(sent, images, labels, digits.num_classes)
     assert readout.exact == 8
@@ -53,21 +54,21 @@ def test_giavmp_layer_is_fitted_on_aux_data_only_and_cached(digits, tmp_path):
     model = MLP(digits.input_shape, digits.num_classes, hidden=64)
     aux, victim = digits.x_train, digits.x_test
     assert not (torch.cdist(victim.flatten(1), aux.flatten(1)).amin(1) == 0).any()  # the splits are disjoint
-    first = analytic.giavmp_model(model, aux, 8, 2, 0, tmp_path)
+    first = malicious.giavmp_model(model, aux, 8, 2, 0, tmp_path)
     assert len(list(tmp_path.glob("giavmp-*.safetensors"))) == 1
-    again = analytic.giavmp_model(model, aux, 8, 2, 0, tmp_path)  # read back from the cache
-    assert torch.equal(analytic.trap_layer(first).weight, analytic.trap_layer(again).weight)
+    again = malicious.giavmp_model(model, aux, 8, 2, 0, tmp_path)  # read back from the cache
+    assert torch.equal(malicious.trap_layer(first).weight, malicious.trap_layer(again).weight)
     # The fit sees only its inputs: adding the victim's images would change it (and the cache key).
-    other = analytic.giavmp_model(model, torch.cat([aux, victim]), 8, 2, 0, tmp_path)
+    other = malicious.giavmp_model(model, torch.cat([aux, victim]), 8, 2, 0, tmp_path)
     assert len(list(tmp_path.glob("giavmp-*.safetensors"))) == 2
-    assert not torch.equal(analytic.trap_layer(first).bias, analytic.trap_layer(other).bias)
+    assert not torch.equal(malicious.trap_layer(first).bias, malicious.trap_layer(other).bias)
     # Each neuron fires for r/B of the auxiliary samples, r in FIRING_RATES: mostly 1/B, the rate that
     # maximises lone activations.
     fires = (
-        analytic.layer_inputs(first, aux) @ analytic.trap_layer(first).weight.T + analytic.trap_layer(first).bias
+        layer_inputs(first, aux) @ malicious.trap_layer(first).weight.T + malicious.trap_layer(first).bias
     ) > 0
     rates = fires.float().mean(0) * 8
-    assert all(min(abs(r - allowed) for allowed in analytic.FIRING_RATES) < 0.05 for r in rates.tolist())
+    assert all(min(abs(r - allowed) for allowed in malicious.FIRING_RATES) < 0.05 for r in rates.tolist())
     assert (rates - 1).abs().lt(0.05).float().mean() > 0.3
 
 
@@ -81,7 +82,7 @@ def _bins(sent, images):
 def test_rtf_recovers_samples_alone_in_their_bins(digits):
     torch.manual_seed(0)
     model = create_model("lenet", digits.input_shape, digits.num_classes)
-    sent = analytic.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0)
+    sent = malicious.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0)
     bins = _bins(sent, digits.x_test)
     _, first = np.unique(bins.numpy(), return_index=True)
     pick = torch.as_tensor(first[:12])  # twelve samples in twelve different bins
@@ -95,8 +96,8 @@ def test_rtf_reads_a_trained_models_confident_samples_as_lone_samples(digits):
     many samples) carries float32 rounding up to ~1e-2 of it: the check allows for that rounding, so all
     24 samples in distinct bins count as exact (a fixed 2e-5 tolerance called 4 of them collisions)."""
     torch.manual_seed(0)
-    honest = analytic.honest_training(create_model("fcnn", digits.input_shape, digits.num_classes), digits, 3, 0)
-    sent = analytic.rtf_model(honest, digits.x_train, bins=64, measurement="random", seed=0)
+    honest = malicious.honest_training(create_model("fcnn", digits.input_shape, digits.num_classes), digits, 3, 0)
+    sent = malicious.rtf_model(honest, digits.x_train, bins=64, measurement="random", seed=0)
     _, first = np.unique(_bins(sent, digits.x_test).numpy(), return_index=True)
     pick = torch.as_tensor(first[:24])
     readout, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
@@ -107,7 +108,7 @@ def test_rtf_reads_a_trained_models_confident_samples_as_lone_samples(digits):
 def test_rtf_reports_collisions_and_does_not_count_them(digits):
     torch.manual_seed(0)
     model = create_model("lenet", digits.input_shape, digits.num_classes)
-    sent = analytic.rtf_model(model, digits.x_train, bins=32, measurement="random", seed=1)
+    sent = malicious.rtf_model(model, digits.x_train, bins=32, measurement="random", seed=1)
     bins = _bins(sent, digits.x_test).numpy()
     values, first, counts = np.unique(bins, return_index=True, return_counts=True)
     shared = int(values[counts >= 2][0])
@@ -124,7 +125,7 @@ def test_rtf_reports_collisions_and_does_not_count_them(digits):
 def test_dp_noise_destroys_the_readout(digits, tmp_path):
     torch.manual_seed(0)
     model = MLP(digits.input_shape, digits.num_classes, hidden=128)
-    sent = analytic.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
+    sent = malicious.giavmp_model(model, digits.x_train, batch_size=8, per_sample=4, seed=0, cache_dir=tmp_path)
     images, labels = digits.x_test[:8], digits.y_test[:8]
     setup = ClientSetup(max_grad_norm=1.0, noise_multiplier=1.0)
     readout, recs, _ = _attack(sent, images, labels, digits.num_classes, setup, mechanism="dp-sgd")
@@ -137,7 +138,7 @@ def test_rtf_peeling_recovers_a_sample_that_is_alone_nowhere(digits):
     readout holds b alone; a and c are read first, subtracted, and b is then read exactly."""
     torch.manual_seed(0)
     model = create_model("fcnn", digits.input_shape, digits.num_classes)
-    sent = analytic.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0, measurements=2)
+    sent = malicious.rtf_model(model, digits.x_train, bins=64, measurement="random", seed=0, measurements=2)
     assert sent.imprint.groups == [32, 32]
     bins = _bins(sent, digits.x_test).tolist()
     a, b, c = next(
@@ -156,13 +157,13 @@ def test_rtf_peeling_recovers_a_sample_that_is_alone_nowhere(digits):
 def test_the_imprint_design_beats_uniform_binning(digits):
     """The simulation agrees with (1 - 1/K)^(B - 1) for one statistic; the chosen design (two statistics for
     K = 128 and B <= K) recovers at least that share of real batches, and the statistics are uncorrelated."""
-    assert abs(analytic.simulated_recovery(64, [64], draws=2000) - (1 - 1 / 64) ** 63) < 0.015
-    assert analytic.best_measurement_count(128, [16, 32, 64, 128]) == 2
-    assert analytic.best_measurement_count(32, [128]) == 1  # B >> K: splitting the bins only costs
-    directions = analytic.measurement_directions(digits.x_train.flatten(1), 3, "random", seed=0)
+    assert abs(malicious.simulated_recovery(64, [64], draws=2000) - (1 - 1 / 64) ** 63) < 0.015
+    assert malicious.best_measurement_count(128, [16, 32, 64, 128]) == 2
+    assert malicious.best_measurement_count(32, [128]) == 1  # B >> K: splitting the bins only costs
+    directions = malicious.measurement_directions(digits.x_train.flatten(1), 3, "random", seed=0)
     assert np.abs(np.corrcoef((digits.x_train.flatten(1) @ directions.T).T.numpy())[np.triu_indices(3, 1)]).max() < 1e-5
     model = create_model("fcnn", digits.input_shape, digits.num_classes)
-    sent = analytic.rtf_model(model, digits.x_train, bins=128, measurement="random", seed=0, measurements=2)
+    sent = malicious.rtf_model(model, digits.x_train, bins=128, measurement="random", seed=0, measurements=2)
     recovered = []
     for seed in range(3):
         pick = torch.randperm(len(digits.x_test), generator=torch.Generator().manual_seed(seed))[:32]
@@ -175,7 +176,7 @@ def test_the_imprint_design_beats_uniform_binning(digits):
 def test_imprint_keeps_the_victims_training_step_finite(digits, name):
     torch.manual_seed(0)
     model = create_model(name, digits.input_shape, digits.num_classes)
-    sent = analytic.rtf_model(model, digits.x_train, bins=128, measurement="brightness", seed=0)
+    sent = malicious.rtf_model(model, digits.x_train, bins=128, measurement="brightness", seed=0)
     with torch.no_grad():  # the block shifts pixels by at most 0.1, so the model behind it still sees the images
         assert (sent.imprint(digits.x_train) - digits.x_train).abs().max().item() <= 0.1 + 1e-5
     optimizer = torch.optim.SGD(sent.parameters(), lr=0.1)
@@ -193,30 +194,30 @@ def test_detector_flags_a_poisoned_trained_model(digits, tmp_path):
     torch.manual_seed(0)
     model = MLP(digits.input_shape, digits.num_classes, hidden=64)
     aux = dataclasses.replace(digits, x_train=digits.x_train[:800], y_train=digits.y_train[:800])
-    honest = analytic.honest_training(model, aux, epochs=1, seed=0)
+    honest = malicious.honest_training(model, aux, epochs=1, seed=0)
     assert honest is not model  # the victim's own model is left as it was
-    sent = analytic.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=2, seed=0, cache_dir=tmp_path)
-    verdict = analytic.detect_poisoning(honest, sent, digits.x_test, digits.y_test)
+    sent = malicious.giavmp_model(honest, digits.x_train, batch_size=16, per_sample=2, seed=0, cache_dir=tmp_path)
+    verdict = malicious.detect_poisoning(honest, sent, digits.x_test, digits.y_test)
     assert verdict["honest_accuracy"] > 0.8 and verdict["received_accuracy"] < 0.5 and verdict["poisoning_detected"]
-    assert not analytic.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["poisoning_detected"]
+    assert not malicious.detect_poisoning(honest, honest, digits.x_test, digits.y_test)["poisoning_detected"]
 
 
 def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_path):
     torch.manual_seed(0)
     model = CNN(digits.input_shape, digits.num_classes, hidden=256)
-    sent = analytic.giavmp_model(model, digits.x_train[:600], batch_size=2, per_sample=2, seed=0, cache_dir=tmp_path)
+    sent = malicious.giavmp_model(model, digits.x_train[:600], batch_size=2, per_sample=2, seed=0, cache_dir=tmp_path)
     images, labels = digits.x_test[:2], digits.y_test[:2]
     update = client_update(sent, images, labels, MechanismSpec("none", None), ClientSetup())
-    readout = analytic.read_update(sent, update, digits.input_shape, digits.num_classes)
-    features = analytic.layer_inputs(sent, images)
-    assert not analytic.reads_pixels(sent, digits.input_shape) and readout.exact == 2
+    readout = malicious.read_sent(sent, update, digits.input_shape, digits.num_classes)
+    features = layer_inputs(sent, images)
+    assert not reads_pixels(sent, digits.input_shape) and readout.exact == 2
     assert torch.cdist(readout.inputs[:2], features).amin(1).max() < 1e-4 * features.abs().max()
     # The gradient-matching term vanishes at the private batch (in any order) and not at random images.
-    error = analytic.conv_gradient_error(sent, readout.inputs[:2], readout.labels[:2], digits.input_shape, update)
+    error = inversion.conv_gradient_error(sent, readout.inputs[:2], readout.labels[:2], digits.input_shape, update)
     assert error(images.flip(0)).item() < 1e-6 and error(torch.rand_like(images)).item() > 0.1
-    cfg = AttackConfig(giavmp_inversion_steps=80, log_every=40)
+    cfg = AttackConfig(inversion_steps=80, log_every=40)
     logged = []
-    rec = analytic.run_analytic(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
+    rec = malicious.run_malicious(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
     assert [entry[0] for entry in logged] == [0, 40, 80]
     ssim = np.mean(reconstruction_scores(images, rec.images)["ssim"])
     noise = np.mean(reconstruction_scores(images, torch.rand_like(images))["ssim"])
@@ -249,7 +250,7 @@ def test_a_mixture_that_passes_the_check_by_chance_does_not_displace_a_sample(di
     readout ahead of a real sample: now every sample is read exactly and the first 16 rows are the batch."""
     torch.manual_seed(0)
     model = create_model("fcnn", digits.input_shape, digits.num_classes)
-    sent = analytic.giavmp_model(model, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
+    sent = malicious.giavmp_model(model, digits.x_train, batch_size=16, per_sample=4, seed=0, cache_dir=tmp_path)
     pick = torch.randperm(len(digits.x_test), generator=torch.Generator().manual_seed(0))[:16]
     readout, recs, _ = _attack(sent, digits.x_test[pick], digits.y_test[pick], digits.num_classes)
     assert readout.exact == 16
