@@ -56,7 +56,9 @@ def conv_gradient_error(
     deltas = preactivation_grads(model, features, labels, input_shape) @ layer.weight.detach() / len(features)
 
     def error(images: torch.Tensor) -> torch.Tensor:
-        grads = torch.autograd.grad((readout_inputs(frozen, images, frozen_layer) * deltas).sum(), params, create_graph=True)
+        grads = torch.autograd.grad(
+            (readout_inputs(frozen, images, frozen_layer) * deltas).sum(), params, create_graph=True
+        )
         return sum(
             ((g - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30) for g, t in zip(grads, targets, strict=True)),
             torch.zeros(()),
@@ -114,7 +116,6 @@ def invert_features(
     for record in trajectory.records:
         observe(*record)
     return dummy.detach().clamp(0, 1), feature_error.item()
-
 
 
 def readout_reconstruction(

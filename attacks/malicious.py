@@ -356,7 +356,6 @@ def prepare_rtf(
     return Served(honest, sent)
 
 
-
 def run_malicious(
     model: nn.Module,
     update: SharedUpdate,

@@ -302,14 +302,11 @@ def readout_images(readout: Readout, count: int, input_shape: tuple[int, ...]) -
     return rows.view(count, *input_shape).clamp(0, 1), labels
 
 
-
-
 def reads_pixels(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
     """Whether the readout layer reads the flattened image (fcnn, imprint) rather than features (cnn, backbone)."""
     probe = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(0))
     inputs = layer_inputs(model, probe)
     return inputs.shape == probe.flatten(1).shape and torch.equal(inputs, probe.flatten(1))
-
 
 
 def read_update(

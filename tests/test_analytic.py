@@ -64,9 +64,7 @@ def test_giavmp_layer_is_fitted_on_aux_data_only_and_cached(digits, tmp_path):
     assert not torch.equal(malicious.trap_layer(first).bias, malicious.trap_layer(other).bias)
     # Each neuron fires for r/B of the auxiliary samples, r in FIRING_RATES: mostly 1/B, the rate that
     # maximises lone activations.
-    fires = (
-        layer_inputs(first, aux) @ malicious.trap_layer(first).weight.T + malicious.trap_layer(first).bias
-    ) > 0
+    fires = (layer_inputs(first, aux) @ malicious.trap_layer(first).weight.T + malicious.trap_layer(first).bias) > 0
     rates = fires.float().mean(0) * 8
     assert all(min(abs(r - allowed) for allowed in malicious.FIRING_RATES) < 0.05 for r in rates.tolist())
     assert (rates - 1).abs().lt(0.05).float().mean() > 0.3
@@ -217,7 +215,9 @@ def test_giavmp_on_a_cnn_reads_features_exactly_and_inverts_them(digits, tmp_pat
     assert error(images.flip(0)).item() < 1e-6 and error(torch.rand_like(images)).item() > 0.1
     cfg = AttackConfig(inversion_steps=80, log_every=40)
     logged = []
-    rec = malicious.run_malicious(sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a))
+    rec = malicious.run_malicious(
+        sent, update, digits.input_shape, digits.num_classes, cfg, lambda *a: logged.append(a)
+    )
     assert [entry[0] for entry in logged] == [0, 40, 80]
     ssim = np.mean(reconstruction_scores(images, rec.images)["ssim"])
     noise = np.mean(reconstruction_scores(images, torch.rand_like(images))["ssim"])
