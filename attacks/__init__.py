@@ -4,7 +4,8 @@ An attack is one entry of ATTACKS. `run` gets the model the server sent, the sha
 and number of classes, the study config and an `observe(iteration, images, labels, loss)` callback; the
 evaluation side (gradient_attack.py) scores what it observes against the originals, so attacks stay blind.
 A malicious server also sets `prepare`, which builds the model it sends to the client from auxiliary data.
-The helpers below (gradient distances, trajectories, the restarts loop) are shared by every attack module.
+The helpers below (sample counts, the image prior, trajectories, the best of restarts) are shared by every
+attack module; attacks/matching.py holds what the gradient-matching attacks compare.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from defenses import SharedUpdate, trainable_parameters
+from defenses import SharedUpdate
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, float], None]
 
@@ -66,32 +66,6 @@ def num_reconstructed(update: SharedUpdate) -> int:
     return update.batch_size * update.num_clients
 
 
-def target_gradients(update: SharedUpdate) -> tuple[torch.Tensor, ...]:
-    """The shared gradients as a mean over all the samples behind them (a sum of N clients' means is N times
-    the mean over all N*B samples), so an attack can match them with one batch's mean-loss gradient."""
-    return tuple(g / update.num_clients for g in update.gradients)
-
-
-def model_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients of the mean cross-entropy for dummy data, kept differentiable so they can be matched.
-    `targets` are class indices or (soft) class probabilities."""
-    loss = F.cross_entropy(model(images), targets)
-    return torch.autograd.grad(loss, trainable_parameters(model), create_graph=True)
-
-
-def gradient_distance(dummy: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
-    """'l2': summed squared difference (DLG); 'cosine': 1 - cosine similarity of the concatenated gradients
-    (Inverting Gradients), which ignores the scale the defenses and the unknown batch size distort."""
-    if kind == "l2":
-        return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))
-    if kind == "cosine":
-        dot = sum((d * t).sum() for d, t in zip(dummy, target, strict=True))
-        norm_d = torch.sqrt(sum(d.pow(2).sum() for d in dummy))
-        norm_t = torch.sqrt(sum(t.pow(2).sum() for t in target))
-        return 1 - dot / (norm_d * norm_t).clamp_min(1e-12)
-    raise ValueError(f"unknown gradient distance {kind!r}")
-
-
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels: the image prior of Inverting Gradients."""
     if images.dim() != 4:
@@ -125,27 +99,19 @@ class Trajectory:
         self.records += [(i, images, labels, math.nan) for i in self.points if i not in done]
 
 
-def best_of_restarts(
-    restarts: int,
-    attempt: Callable[[int, Trajectory], Reconstruction],
-    iterations: int,
-    log_every: int,
-    observe: Observer,
-) -> Reconstruction:
-    """Run `attempt(restart, trajectory)` `restarts` times and keep the finite-loss result with the lowest
-    gradient-matching loss; a NaN/inf loss marks that restart failed and the others go on. Only the kept
-    restart's trajectory is handed to `observe`. If every restart failed, the first is returned as failed."""
-    results = []
-    for restart in range(restarts):
-        trajectory = Trajectory(iterations, log_every)
-        rec = attempt(restart, trajectory)
+def best_of_restarts(results: list[tuple[Reconstruction, Trajectory]], observe: Observer) -> Reconstruction:
+    """Keep the finite-loss restart with the lowest gradient-matching loss; a NaN/inf loss marks a restart
+    failed and the others go on. Only the kept restart's trajectory (its missing log points filled) is handed
+    to `observe`. If every restart failed, the first is returned as failed."""
+    checked = []
+    for rec, trajectory in results:
         trajectory.finish()
-        results.append((replace(rec, failed=rec.failed or not math.isfinite(rec.loss)), trajectory))
-    finished = [r for r in results if not r[0].failed]
-    best, trajectory = min(finished, key=lambda r: r[0].loss) if finished else results[0]
+        checked.append((replace(rec, failed=rec.failed or not math.isfinite(rec.loss)), trajectory))
+    finished = [r for r in checked if not r[0].failed]
+    best, trajectory = min(finished, key=lambda r: r[0].loss) if finished else checked[0]
     for record in trajectory.records:
         observe(*record)
-    return replace(best, images=to_unit(best.images), failed_restarts=len(results) - len(finished))
+    return replace(best, images=to_unit(best.images), failed_restarts=len(checked) - len(finished))
 
 
 from attacks import honest, malicious, optimization  # noqa: E402  (they use the helpers above)
