@@ -1,7 +1,10 @@
 """Every default of the project, as plain dataclasses. Edit a field to change what a command does by
 default; every field is also a command-line option (`--epochs 20`, `--models cnn resnet50`), through tyro.
 Each class validates itself before any work starts and raises UsageError with the bad value and the
-allowed ones."""
+allowed ones.
+
+This module imports nothing heavy at the top (no torch): `--help` answers at once, and validation imports the
+registries it checks against only when it runs."""
 
 from __future__ import annotations
 
@@ -11,9 +14,6 @@ from typing import Annotated
 
 import tyro
 
-from data_sources import check_dataset_name
-from models import check_model_name
-from privacy import ACCOUNTANTS, PRIVACY_MODES, PRV_MAX_EPSILON
 from utils import UsageError
 
 
@@ -23,7 +23,7 @@ class TrainConfig:
 
     dataset: str = "faces"  # embedded and offline; the stand-in for hot-dog / not-hot-dog
     models: list[str] = field(default_factory=lambda: ["cnn"])  # also: resnet50 dinov2 mlp lenet fcnn
-    privacy: list[str] = field(default_factory=lambda: list(PRIVACY_MODES))  # none, dp-sgd, regularized
+    privacy: list[str] = field(default_factory=lambda: ["none", "dp-sgd", "regularized"])  # every mode
     epsilons: list[float] = field(default_factory=lambda: [8.0, 25.0, 50.0])  # the seed study's budgets
     delta: float = 1e-5  # must stay below 1/N for N training samples
     max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
@@ -47,6 +47,10 @@ class TrainConfig:
     force: bool = False  # redo runs that already finished
 
     def validate(self) -> None:
+        from data_sources import check_dataset_name
+        from models import check_model_name
+        from privacy import ACCOUNTANTS, PRIVACY_MODES, PRV_MAX_EPSILON
+
         check_dataset_name(self.dataset)
         if not self.models:
             raise UsageError("--models is empty; name at least one model.")
@@ -97,25 +101,35 @@ class TrainConfig:
 
 
 # the seed study's budgets, the regularized mode, and one setting of each classic gradient defense
-DEFAULT_MECHANISMS = "none dp-sgd:8 dp-sgd:25 dp-sgd:50 regularized prune:0.2 quantize:4 noise:0.01".split()
+DEFAULT_MECHANISMS = "none dp-sgd:8 dp-sgd:25 dp-sgd:50 regularized prune:0.2 quantize:4 noise:0.01 topk:0.1".split()
+# what a plainly trained run shares besides its plain gradient: each gradient defense at its default strength
+DEFAULT_DEFENSES = "prune:0.2 quantize:4 noise:0.01 topk:0.1".split()
+DEMO_MODEL, DEMO_DATASET = "lenet", "digits"  # the demonstration victim when no training run exists
 
 
 @dataclass
 class AttackConfig:
-    """The leakage study: attacks x mechanisms x batch sizes against a victim's private images; writes
-    runs/attack. Mechanisms read name[:strength] (sweeps name:a,b,c): none, dp-sgd:EPS, regularized,
-    prune:P, quantize:BITS, noise:SIGMA, topk:K, secagg:CLIENTS."""
+    """The leakage study: by default every finished training run under --train-runs, each attacked under its
+    own privacy mode (a plain run also under each gradient defense) with the strongest attack the server can
+    choose (auto); writes runs/attack. Mechanisms read name[:strength] (sweeps name:a,b,c): none, dp-sgd[:EPS],
+    regularized, prune:P, quantize:BITS, noise:SIGMA, topk:K, secagg:CLIENTS."""
 
-    model: str = "lenet"  # the DLG LeNet (sigmoid), freshly initialised; ignored with --from-run
-    from_run: Path | None = None  # a runs/train/<run> dir: its trained model, dataset and privacy set-up
-    dataset: str = "digits"  # embedded 8x8 digits at 32x32: DLG recovers them in seconds on a CPU
+    from_run: list[str] = field(default_factory=list)  # train.py run dirs or globs (runs/train/*): the victims
+    train_runs: Path = Path("runs/train")  # without --from-run/--model: attack every finished run found here
+    model: str | None = None  # a fresh victim instead (lenet cnn cnn-wide mlp fcnn resnet50 dinov2)
+    # with no training run at all, the demonstration: a fresh LeNet (the DLG LeNet, sigmoid) on digits
+    dataset: str | None = None  # the fresh victim's data (default digits); trained victims use their own
+    pretrained: bool = True  # a fresh resnet50/dinov2's weights; --no-pretrained for random ones offline
     indices: list[int] = field(default_factory=list)  # training-set indices to attack; default a seeded draw
     num_images: int = 4  # images in the seeded draw
     images: list[Path] = field(default_factory=list)  # the user's own image files instead of the dataset
     labels: list[int] = field(default_factory=list)  # their labels; default class 0 for every file
     batch_sizes: Annotated[list[int], tyro.conf.arg(aliases=("--batch-size",))] = field(default_factory=lambda: [1])
-    mechanisms: list[str] = field(default_factory=lambda: list(DEFAULT_MECHANISMS))
-    attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["dlg"])
+    mechanisms: list[str] = field(default_factory=list)  # empty: each victim's own (see the class docstring);
+    # the fresh demonstration victim gets DEFAULT_MECHANISMS
+    attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
+    # auto: every honest attack that applies to the victim (fc-readout, idlg, ig; fc-readout alone for a frozen
+    # backbone), each in its own run, and per batch the one whose reconstruction best explains the shared update
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
     restarts: int = 1  # random initialisations per batch; the lowest gradient-matching loss is kept
     log_every: int = 10  # iterations between logged scores and snapshots
@@ -128,6 +142,10 @@ class AttackConfig:
     download: bool = False  # the attack study reads data already there; train.py downloads
     out: Path = Path("runs/attack")
     force: bool = False  # redo runs that already finished
+    # feature inversion (fc-readout on a CNN or a frozen backbone, giavmp on a CNN)
+    inversion_steps: int = 300  # Adam steps turning the features read off the FC layer into images
+    inversion_gradient_weight: float = 0.1  # weight of the conv-gradient match (0: features only)
+    # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
     # malicious-server attacks (giavmp, rtf)
     giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
     rtf_bins: int = 128  # imprint neurons K; with one statistic a sample is alone in its bin w.p. (1 - 1/K)^(B - 1)
@@ -136,25 +154,37 @@ class AttackConfig:
     rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
     rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
     honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning
-    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; --from-run keeps weights
+    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; trained victims keep theirs
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
-    inversion_steps: int = 300  # giavmp on a cnn: Adam steps inverting the recovered conv features
-    inversion_gradient_weight: float = 0.1  # giavmp on a cnn: weight of conv-gradient matching (0: features only)
-    # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
+
+    @property
+    def fresh_victim(self) -> bool:
+        """Whether the victim is a freshly built model (--model or --dataset given) rather than training runs."""
+        return self.model is not None or self.dataset is not None
 
     def validate(self) -> None:
         from attacks import ATTACKS
+        from data_sources import check_dataset_name
         from defenses import parse_mechanisms
+        from models import check_model_name
 
-        check_dataset_name(self.dataset)
-        check_model_name(self.model)
+        if self.from_run and self.fresh_victim:
+            raise UsageError(
+                "--from-run attacks trained models on their own data; --model/--dataset build a fresh one. "
+                "Give one or the other."
+            )
+        if self.dataset is not None:
+            check_dataset_name(self.dataset)
+        if self.model is not None:
+            check_model_name(self.model)
         if not self.attacks:
-            raise UsageError(f"--attacks is empty; name at least one of {', '.join(ATTACKS)}.")
+            raise UsageError(f"--attacks is empty; name auto or at least one of {', '.join(ATTACKS)}.")
         for name in self.attacks:
-            if name not in ATTACKS:
-                raise UsageError(f"unknown attack '{name}'; choose from {', '.join(ATTACKS)}.")
-        parse_mechanisms(self.mechanisms)
+            if name not in ATTACKS and name != "auto":
+                raise UsageError(f"unknown attack '{name}'; choose auto or any of {', '.join(ATTACKS)}.")
+        if self.mechanisms:
+            parse_mechanisms(self.mechanisms)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UsageError(f"--batch-sizes {self.batch_sizes} must be positive integers, e.g. 1 2 4 8.")
         if self.images and self.indices:

@@ -1,4 +1,5 @@
-"""Plumbing shared by the three entry scripts: seeding, device choice, atomic files, summaries, CLI errors."""
+"""Plumbing shared by the entry scripts: seeding, device choice, atomic files, summaries, CLI errors. Nothing
+heavy at the top (torch loads inside the two functions that need it), so `--help` stays instant."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(Exception):
@@ -36,6 +39,8 @@ def run_cli(main: Callable[[], None]) -> None:
 def seed_everything(seed: int) -> None:
     """Same seed, same numbers on the same machine: on a GPU too, where cuDNN and cuBLAS would otherwise pick
     fast kernels whose sums run in varying order."""
+    import torch
+
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -46,6 +51,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA when present (or asked for), else CPU; never assume a GPU."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -80,7 +87,7 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "tolist"):  # a torch tensor
         return obj.tolist()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 

@@ -56,6 +56,7 @@ class Attack:
     default_iterations: int
     prepare: Callable[..., Served] | None = None
     description: str = ""
+    settings: tuple[str, ...] = ()  # the AttackConfig fields it reads beyond the common ones (seed, iterations, ...)
 
 
 ATTACKS: dict[str, Attack] = {}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from attacks import Attack, Observer, Reconstruction, num_reconstructed
-from attacks.inversion import readout_reconstruction
+from attacks.inversion import INVERSION_SETTINGS, readout_reconstruction
 from attacks.labels import recover_labels
 from attacks.readout import Readout, on_cpu, rank_one_readout, read_update, readout_gradients, readout_layer
 from defenses import SharedUpdate
@@ -61,5 +61,10 @@ def run_fc_readout(
 
 
 ATTACKS = {
-    "fc-readout": Attack(run_fc_readout, 1, description="exact readout of the first FC layer's input, then inversion"),
+    "fc-readout": Attack(
+        run_fc_readout,
+        1,
+        description="exact readout of the first FC layer's input, then inversion",
+        settings=INVERSION_SETTINGS,
+    ),
 }

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 INVERSION_LR = 0.2  # first Adam step on pixels in [0, 1] when inverting features (GIAvMP on a CNN), decayed
 # to 0 on a cosine: +6 dB on digits and faces (B = 16, 3 draws) over a constant 0.05, which converged too slowly
 INVERSION_TV = 1e-2  # weight of the total-variation prior in that inversion
+INVERSION_SETTINGS = ("inversion_steps", "inversion_gradient_weight")  # the AttackConfig fields it reads
 
 
 def layers_in_front(model: nn.Module) -> list[nn.Parameter]:

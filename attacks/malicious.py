@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from attacks import Attack, Observer, Reconstruction, Served
-from attacks.inversion import readout_reconstruction
+from attacks.inversion import INVERSION_SETTINGS, readout_reconstruction
 from attacks.readout import PEEL_ROUNDS, Readout, layer_inputs, on_cpu, read_update, readout_layer
 from data_sources import DataSplit
 from defenses import SharedUpdate
@@ -371,9 +371,18 @@ def run_malicious(
     return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
 
 
+SERVER_SETTINGS = ("honest_epochs", "poisoning_max_drop")  # AttackConfig fields both malicious servers read
+GIAVMP_SETTINGS = (*SERVER_SETTINGS, "giavmp_per_sample", "cache_dir", *INVERSION_SETTINGS)
+RTF_SETTINGS = (*SERVER_SETTINGS, "rtf_bins", "rtf_measurements", "rtf_measurement", "rtf_thresholds")
 ATTACKS = {
     "giavmp": Attack(
-        run_malicious, 1, prepare_giavmp, "GIAvMP: poisoned first FC layer, exact readout from lone neurons"
+        run_malicious,
+        1,
+        prepare_giavmp,
+        "GIAvMP: poisoned first FC layer, exact readout from lone neurons",
+        GIAVMP_SETTINGS,
     ),
-    "rtf": Attack(run_malicious, 1, prepare_rtf, "Robbing the Fed: imprint block, exact readout from lone bins"),
+    "rtf": Attack(
+        run_malicious, 1, prepare_rtf, "Robbing the Fed: imprint block, exact readout from lone bins", RTF_SETTINGS
+    ),
 }

@@ -1,0 +1,522 @@
+"""The leakage study that `uv run gradient_attack.py` runs: how much of a client's private batch can a server
+rebuild from what the client shares, on the models the training study trained?
+
+The victims are the finished training runs (their weights, images drawn from their own training split, and
+their own privacy mode as the mechanism: a plain run shares its plain gradient and each gradient defense, a
+DP-SGD run shares DP-SGD updates with its own noise multiplier and clip norm, a regularized run the gradient
+of its regularized loss), or a freshly built model (--model/--dataset, and the LeNet demonstration when no
+training run exists). The grid is victims x mechanisms x batch sizes x attacks; `auto` runs every honest attack
+that applies and keeps per batch the reconstruction that best explains the shared update (by a measure the
+server can compute, attacks.matching.matching_score). Each (victim, mechanism, batch size, attack) is one run
+in runs/attack/<run>/ (config.json, trajectory.csv, snapshots.npz, reconstruction.png, metrics.json last);
+summary.csv and summary.md are rebuilt from the finished run directories every time.
+
+The client side (defenses.client_update) sees the private batch; the attacks see only the model and the
+SharedUpdate; the scoring here (RunRecord) compares what they report with the originals afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import config
+import utils
+from attacks import ATTACKS
+from attacks.malicious import detect_poisoning
+from attacks.matching import matching_score
+from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
+from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
+from evaluation import RunRecord, finished_reconstructions
+from models import FrozenBackbone, create_model, load_checkpoint
+from privacy import epsilon_spent, noise_multiplier_for, poisson_schedule, release_epsilon
+
+SUMMARY_COLUMNS = [
+    "run", "victim", "model", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon",
+    "release_epsilon", "noise_multiplier", "max_grad_norm", "batch_size", "num_images", "iterations", "restarts",
+    "loss", "mse", "psnr", "ssim", "mse_std", "psnr_std", "ssim_std", "label_accuracy", "success_rate",
+    "recovered_fraction", "feature_cosine", "seconds", "seed", "honest_accuracy", "received_accuracy",
+    "poisoning_detected",
+]  # fmt: skip
+DETECTION_COLUMNS = SUMMARY_COLUMNS[-3:]  # the client's check of a malicious server's model (giavmp, rtf)
+TRAIN_RUN_FILES = ("config.json", "metrics.json", "model.safetensors")
+AUTO = "auto"
+
+
+@dataclass
+class Victim:
+    """The client's model and training set-up: a fresh architecture, or a train.py run."""
+
+    name: str  # the architecture, or the train.py run's directory name
+    architecture: str
+    model: nn.Module
+    dataset: str
+    training: dict[str, Any]  # TrainConfig fields the client trained (or would train) with
+    privacy: str | None  # the training run's privacy mode; None for a fresh model
+    noise_multiplier: float | None  # a DP run's own z, for `dp-sgd` without an ε
+    epsilon: float | None  # ... and the ε its whole training spent
+
+
+@dataclass
+class PrivateData:
+    """The private images (never handed to an attack) and where they came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: dict[str, Any]  # indices or file names, recorded in config.json
+    exclude: list[int]  # training-set indices other clients and auxiliary data must not use
+
+
+# --- the victims ----------------------------------------------------------------------------------------
+
+
+def training_runs(cfg: config.AttackConfig) -> list[Path]:
+    """The training runs to attack: --from-run's directories and globs, or every finished run under
+    --train-runs. A directory named explicitly must be a finished run; a glob skips what is not one."""
+    if not cfg.from_run:
+        found = sorted(cfg.train_runs.glob("*")) if cfg.train_runs.is_dir() else []
+        return [d for d in found if _is_training_run(d)]
+    runs: list[Path] = []
+    for pattern in cfg.from_run:
+        if glob.has_magic(pattern):
+            runs += [Path(p) for p in sorted(glob.glob(pattern)) if _is_training_run(Path(p))]
+            continue
+        missing = [f for f in TRAIN_RUN_FILES if not (Path(pattern) / f).is_file()]
+        if missing:
+            raise utils.UsageError(
+                f"--from-run {pattern} is not a finished train.py run: it lacks {', '.join(missing)}. Give a "
+                "directory such as runs/train/faces-cnn-none written by `uv run train.py`, or a glob (runs/train/*)."
+            )
+        runs.append(Path(pattern))
+    if not runs:
+        raise utils.UsageError(f"--from-run {' '.join(cfg.from_run)} matches no finished train.py run.")
+    return list(dict.fromkeys(runs))
+
+
+def _is_training_run(path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in TRAIN_RUN_FILES)
+
+
+def load_data(cfg: config.AttackConfig, name: str, training: dict[str, Any]) -> DataSplit:
+    """The dataset split as `training` (TrainConfig fields) makes it, so a run's training images are found."""
+    opts = DataOptions(cfg.data_root, cfg.download, training["seed"], training["test_fraction"], training["image_size"])
+    return load_dataset(name, opts)
+
+
+def fresh_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
+    """A freshly initialised model (--model, default the DLG LeNet) on --dataset (default digits)."""
+    model_name, dataset = cfg.model or config.DEMO_MODEL, cfg.dataset or config.DEMO_DATASET
+    training = dataclasses.asdict(config.TrainConfig()) | {"seed": cfg.seed, "image_size": cfg.image_size}
+    split = load_data(cfg, dataset, training)
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name, split.input_shape, split.num_classes, pretrained=cfg.pretrained)
+    training["pretrained"] = cfg.pretrained
+    return Victim(model_name, model_name, model, dataset, training, None, None, None), split
+
+
+def trained_victim(cfg: config.AttackConfig, run_dir: Path) -> tuple[Victim, DataSplit]:
+    """A train.py run: its weights (a frozen backbone rebuilt as it was trained, pretrained or not), its data
+    split and its privacy set-up."""
+    run_cfg, run_metrics = utils.read_json(run_dir / "config.json"), utils.read_json(run_dir / "metrics.json")
+    if "model" not in run_cfg or "dataset" not in run_cfg:
+        raise utils.UsageError(f"{run_dir}: config.json names no model or dataset; was it written by train.py?")
+    training = dataclasses.asdict(config.TrainConfig())
+    training.update({k: v for k, v in run_cfg.items() if k in training})
+    split = load_data(cfg, run_cfg["dataset"], training)  # the run's own split: its seed, test share and size
+    model = create_model(run_cfg["model"], split.input_shape, split.num_classes, pretrained=training["pretrained"])
+    load_checkpoint(model, run_dir / "model.safetensors")
+    privacy = run_cfg.get("privacy")
+    z, eps = (run_metrics.get("noise_multiplier"), run_metrics.get("epsilon")) if privacy == "dp-sgd" else (None, None)
+    return Victim(run_dir.name, run_cfg["model"], model.eval(), run_cfg["dataset"], training, privacy, z, eps), split
+
+
+def victim_mechanisms(cfg: config.AttackConfig, victim: Victim) -> list[MechanismSpec]:
+    """--mechanisms for every victim if given; else what each victim shares: a plain run its plain gradient
+    and each gradient defense, a DP-SGD run DP-SGD with its own noise, a regularized run its regularized
+    gradient; the fresh demonstration victim the whole default grid."""
+    if cfg.mechanisms:
+        return parse_mechanisms(cfg.mechanisms)
+    own = {"none": ["none", *config.DEFAULT_DEFENSES], "dp-sgd": ["dp-sgd"], "regularized": ["regularized"]}
+    return parse_mechanisms(own.get(victim.privacy, config.DEFAULT_MECHANISMS))
+
+
+def auto_candidates(model: nn.Module) -> list[str]:
+    """The honest attacks `auto` runs on a victim: the FC readout everywhere it applies; the optimisation
+    attacks where gradients reach the pixels cheaply (a frozen backbone's are a 224-pixel network away, and
+    its head's gradient gives the features exactly, which the readout inverts)."""
+    if isinstance(model, FrozenBackbone):
+        return ["fc-readout"]
+    return ["fc-readout", "idlg", "ig"]
+
+
+def victim_attacks(cfg: config.AttackConfig, victim: Victim) -> list[str]:
+    """The attacks run on a victim, `auto` expanded into its candidates (which run first, in their own rows)."""
+    expanded = [a for name in cfg.attacks for a in (auto_candidates(victim.model) if name == AUTO else [name])]
+    return list(dict.fromkeys(expanded + ([AUTO] if AUTO in cfg.attacks else [])))
+
+
+# --- the private data and the client's set-up --------------------------------------------------------------
+
+
+def private_data(cfg: config.AttackConfig, split: DataSplit, count: int) -> PrivateData:
+    """`count` private samples: the user's files, the given indices, or a seeded draw from the training set
+    (a prefix of one permutation, so larger runs extend smaller ones)."""
+    if cfg.images:
+        images = load_image_files(cfg.images, split.input_shape)
+        labels = torch.tensor(cfg.labels or [0] * len(images))
+        bad = [y for y in labels.tolist() if not 0 <= y < split.num_classes]
+        if bad:
+            raise utils.UsageError(
+                f"--labels {bad} out of range; '{split.name}' has classes 0..{split.num_classes - 1}."
+            )
+        return PrivateData(images, labels, {"images": [str(p) for p in cfg.images]}, [])
+    n = len(split.x_train)
+    if cfg.indices:
+        bad = [i for i in cfg.indices if not 0 <= i < n]
+        if bad:
+            raise utils.UsageError(f"--indices {bad} out of range; '{split.name}' has training indices 0..{n - 1}.")
+        indices = list(cfg.indices)
+    else:
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
+    return PrivateData(split.x_train[indices], split.y_train[indices], {"indices": indices}, indices)
+
+
+def images_per_run(cfg: config.AttackConfig, batch_size: int, available: int) -> int:
+    """Whole batches only: a drawn set grows to a multiple of the batch size; a fixed set must divide."""
+    fixed = len(cfg.images) or len(cfg.indices)
+    if fixed:
+        if fixed % batch_size:
+            raise utils.UsageError(
+                f"batch size {batch_size} does not divide the {fixed} given images; give a multiple of it or drop it."
+            )
+        return fixed
+    count = math.ceil(cfg.num_images / batch_size) * batch_size
+    if count > available:
+        raise utils.UsageError(
+            f"batch size {batch_size} needs {count} images but the training set has {available}; use a smaller one."
+        )
+    return count
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """What a mechanism's DP-SGD guarantees: the training run's ε (with its subsampling) and the ε of the
+    one release the server attacks (a Gaussian mechanism on a batch that certainly holds the target)."""
+
+    epsilon: float | None = None
+    release_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+
+
+def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int) -> tuple[ClientSetup, Privacy]:
+    """The set-up the client shares with: for dp-sgd:EPS the accountant's noise multiplier for ε = EPS under the
+    training study's sampling (privacy.poisson_schedule, as Opacus sets it up), so larger ε means less noise; plain
+    `dp-sgd` uses the DP run's own."""
+    t = victim.training
+    kappa = (t["lr"] * t["reg_sigma"]) ** 2
+    base = ClientSetup(max_grad_norm=t["max_grad_norm"], lr=t["lr"], kappa=kappa, seed=seed)
+    if mech.name != "dp-sgd":
+        return base, Privacy()
+    if mech.strength is None:
+        z, epsilon = victim.noise_multiplier, victim.epsilon
+    else:
+        sample_rate, steps = poisson_schedule(num_train, t["batch_size"], t["epochs"])
+        with warnings.catch_warnings():  # the search probes tiny multipliers, past RDP's alpha range: harmless
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            z = noise_multiplier_for(mech.strength, t["delta"], sample_rate, steps, t["accountant"])
+        epsilon = epsilon_spent(z, sample_rate, steps, t["delta"], t["accountant"])
+    privacy = Privacy(epsilon, release_epsilon(z, t["delta"]), z, t["max_grad_norm"])
+    return dataclasses.replace(base, noise_multiplier=z), privacy
+
+
+def check_mechanisms(
+    mechanisms: list[MechanismSpec], victim: Victim, split: DataSplit, batch_sizes: list[int], excluded: int
+) -> None:
+    """What the mechanisms need from the victim and the data, checked before any run starts."""
+    for mech in mechanisms:
+        if mech.name == "secagg":
+            needed, available = (int(mech.strength) - 1) * max(batch_sizes), len(split.x_train) - excluded
+            if needed > available:
+                raise utils.UsageError(
+                    f"{mech.spec} at batch size {max(batch_sizes)} needs {needed} other clients' images but "
+                    f"'{split.name}' has only {available} besides the victim's; use fewer clients or smaller batches."
+                )
+        if mech.name == "dp-sgd" and mech.strength is None and victim.noise_multiplier is None:
+            raise utils.UsageError(
+                f"mechanism 'dp-sgd' without an ε reuses a DP-SGD training run's noise, and {victim.name} is not one; "
+                "give the budget instead, e.g. dp-sgd:8."
+            )
+        if mech.name == "dp-sgd" and victim.training["delta"] >= 1 / len(split.x_train):
+            raise utils.UsageError(
+                f"dp-sgd: δ = {victim.training['delta']} is not below 1/N for the {len(split.x_train)} training "
+                f"samples of '{split.name}'; use a larger dataset."
+            )
+
+
+def other_clients(
+    split: DataSplit, exclude: list[int], clients: int, batch_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the other secure-aggregation clients: seeded, from the training set, never the victim's."""
+    pool = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)))
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    picks = pool[order[: (clients - 1) * batch_size]]
+    return [(split.x_train[p], split.y_train[p]) for p in picks.view(clients - 1, batch_size)]
+
+
+def aux_data(split: DataSplit, exclude: list[int]) -> DataSplit:
+    """What a malicious server may learn from: the training split without the victim's images. The test split
+    stays with the client, whose poisoning check runs on it."""
+    keep = torch.tensor(sorted(set(range(len(split.x_train))) - set(exclude)), dtype=torch.long)
+    empty = slice(0, 0)
+    return dataclasses.replace(
+        split, x_train=split.x_train[keep], y_train=split.y_train[keep], x_test=split.x_test[empty],
+        y_test=split.y_test[empty],
+    )  # fmt: skip
+
+
+# --- the grid: one cell per victim, mechanism and batch size ---------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One victim under one mechanism at one batch size: the client's updates, computed once per batch, and
+    every attack run on them (a malicious server's attack gets a cell of its own: the client trains on the
+    model that server sent)."""
+
+    victim: Victim
+    split: DataSplit
+    dataset: str  # the victim's, or "user-images"
+    mech: MechanismSpec
+    batch_size: int
+    data: PrivateData
+    attacks: list[str]  # run in this order; `auto` last, choosing among `candidates`
+    candidates: list[str]
+    runs: dict[str, tuple[str, dict[str, Any]]]  # attack -> run name and config.json
+
+
+def run_name(victim: Victim, dataset: str, attack: str, mech: MechanismSpec, batch_size: int, seed: int) -> str:
+    return f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}-s{seed}"
+
+
+def default_iterations(attack: str, input_shape: tuple[int, ...]) -> int:
+    """The attack's iterations per 1024 input values: a 32x32 colour photo has three times the unknowns of a
+    32x32 digit and needs about three times the L-BFGS steps to pass 30 dB."""
+    return ATTACKS[attack].default_iterations * math.ceil(math.prod(input_shape) / 1024)
+
+
+def attack_settings(attack: str, candidates: list[str]) -> set[str]:
+    """The config fields that bear on an attack's numbers beyond the common ones (auto: its candidates')."""
+    return set().union(*(ATTACKS[a].settings for a in (candidates if attack == AUTO else [attack])))
+
+
+# Config fields that do not change a run's numbers (the grid's lists name several runs, not this one; the
+# victim's model and dataset are recorded as the run's own `model` and `dataset`).
+NOT_RESULT_FIELDS = {"attacks", "mechanisms", "batch_sizes", "log_every", "threads", "device", "data_root", "download",
+                     "out", "force", "cache_dir", "from_run", "train_runs"}  # fmt: skip
+
+
+def run_config(cfg: config.AttackConfig, cell: Cell, attack: str, name: str) -> dict[str, Any]:
+    """config.json: every AttackConfig field that bears on this attack, plus this run's own identity (the
+    victim's architecture, dataset and input size as it was attacked)."""
+    own = attack_settings(attack, cell.candidates)
+    others = set().union(*(a.settings for a in ATTACKS.values())) - own
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items() if k not in others}
+    fields["images"] = [str(p) for p in cfg.images]
+    shape = cell.data.images.shape[1:]
+    iterations = None if attack == AUTO else cfg.iterations or default_iterations(attack, shape)
+    victim = cell.victim
+    return {
+        **fields, "run": name, "victim": victim.name, "model": victim.architecture, "dataset": cell.dataset,
+        "image_size": victim.training["image_size"], "pretrained": victim.training.get("pretrained", True),
+        "attack": attack, "candidates": cell.candidates if attack == AUTO else None, "mechanism": cell.mech.spec,
+        "mechanism_name": cell.mech.name, "strength": cell.mech.strength, "batch_size": cell.batch_size,
+        "iterations": iterations, "num_images": len(cell.data.images), **cell.data.source,
+    }  # fmt: skip
+
+
+def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> list[Cell]:
+    """Every cell of one victim, each run checked: a finished run made with other settings stops the study
+    here, before any attack runs."""
+    dataset = "user-images" if cfg.images else victim.dataset
+    counts = {b: images_per_run(cfg, b, len(split.x_train)) for b in cfg.batch_sizes}
+    data = private_data(cfg, split, max(counts.values()))
+    mechanisms = victim_mechanisms(cfg, victim)
+    check_mechanisms(mechanisms, victim, split, cfg.batch_sizes, len(data.exclude))
+    attacks = victim_attacks(cfg, victim)
+    candidates = auto_candidates(victim.model) if AUTO in attacks else []
+    groups = [[a for a in attacks if a == AUTO or not ATTACKS[a].prepare]] + [
+        [a] for a in attacks if a != AUTO and ATTACKS[a].prepare
+    ]
+    cells = []
+    for mech in mechanisms:
+        for batch_size in cfg.batch_sizes:
+            subset = PrivateData(data.images[: counts[batch_size]], data.labels[: counts[batch_size]],
+                                 {k: v[: counts[batch_size]] for k, v in data.source.items()}, data.exclude)  # fmt: skip
+            for group in filter(None, groups):
+                cell = Cell(victim, split, dataset, mech, batch_size, subset, group, candidates, {})
+                for attack in group:
+                    name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed)
+                    cell.runs[attack] = name, run_config(cfg, cell, attack, name)
+                    if utils.run_is_done(cfg.out / name) and not cfg.force:
+                        utils.check_finished_run(cfg.out / name, cell.runs[attack][1], NOT_RESULT_FIELDS)
+                cells.append(cell)
+    return cells
+
+
+def served_model(cfg: config.AttackConfig, cell: Cell, cache: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """The model the client trains on in this cell, and the client's poisoning check of it: the victim's own,
+    or the one a malicious server sent for this batch size (fitted once per victim and attack)."""
+    attack = cell.attacks[0]
+    if attack == AUTO or not ATTACKS[attack].prepare:
+        return cell.victim.model, {}
+    key = cell.victim.name, attack
+    if key not in cache:
+        aux = aux_data(cell.split, cell.data.exclude)
+        cache[key] = ATTACKS[attack].prepare(
+            cell.victim.model, cell.split.input_shape, cell.split.num_classes, aux, cfg
+        )
+    served = cache[key]
+    sent = served.sent[cell.batch_size]
+    check = {}
+    if len(cell.split.x_test):  # the client's check on its held-out split (photos have none)
+        check = detect_poisoning(
+            served.honest.cpu(), sent.cpu(), cell.split.x_test, cell.split.y_test, cfg.poisoning_max_drop
+        )
+    return sent, check
+
+
+def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers: dict) -> None:
+    """Every unfinished run of a cell. For each batch the client computes its update once; each attack runs
+    on it (or, where its run finished earlier, its reconstructions are read back for `auto`), and `auto`
+    keeps the candidate whose reconstruction explains the update best."""
+    pending = [a for a in cell.attacks if cfg.force or not utils.run_is_done(cfg.out / cell.runs[a][0])]
+    if not pending:
+        return
+    model, detection = served_model(cfg, cell, servers)
+    model = model.to(device)
+    setup, privacy = client_setup(cell.victim, cell.mech, len(cell.split.x_train), cfg.seed)
+    records = {a: RunRecord() for a in pending}
+    reused = {
+        a: finished_reconstructions(cfg.out / cell.runs[a][0], cell.batch_size)
+        for a in cell.candidates if AUTO in pending and a not in pending
+    }  # fmt: skip
+    chosen = []
+    shape, classes = cell.split.input_shape, cell.split.num_classes
+    for batch in range(len(cell.data.images) // cell.batch_size):
+        part = slice(batch * cell.batch_size, (batch + 1) * cell.batch_size)
+        originals, labels = cell.data.images[part], cell.data.labels[part]
+        batch_setup = dataclasses.replace(setup, seed=cfg.seed + batch)  # fresh noise for every batch
+        clients = int(cell.mech.strength) if cell.mech.name == "secagg" else 1
+        others = (
+            other_clients(cell.split, cell.data.exclude, clients, cell.batch_size, cfg.seed + batch)
+            if clients > 1
+            else []
+        )
+        to = lambda t: t.to(device)
+        update = client_update(
+            model, to(originals), to(labels), cell.mech, batch_setup, [(to(x), to(y)) for x, y in others]
+        )
+        recs = {a: reused[a][batch] for a in reused}
+        for attack in (a for a in cell.attacks if a in records and a != AUTO):
+            record, start = records[attack], time.perf_counter()
+            attack_cfg = dataclasses.replace(cfg, iterations=cell.runs[attack][1]["iterations"])
+            observe = record.observer(originals, labels, batch, part.start)
+            recs[attack] = ATTACKS[attack].run(model, update, shape, classes, attack_cfg, observe)
+            record.seconds += time.perf_counter() - start
+            record.add(recs[attack], originals, labels, part.start, model)
+        if AUTO in records:
+            start = time.perf_counter()
+            scores = {a: matching_score(model, update, recs[a].images, recs[a].labels) for a in cell.candidates}
+            best = min(scores, key=scores.get)
+            rec = dataclasses.replace(recs[best], loss=scores[best])
+            records[AUTO].observer(originals, labels, batch, part.start)(0, rec.images, rec.labels, rec.loss)
+            records[AUTO].add(rec, originals, labels, part.start, model)
+            records[AUTO].seconds += time.perf_counter() - start
+            chosen.append({"batch": batch, "attack": best, "matching": scores})
+    for attack, record in records.items():
+        name, run_cfg = cell.runs[attack]
+        utils.write_json(cfg.out / name / "config.json", run_cfg)
+        extra = {}
+        if attack == AUTO:  # it took as long as its candidates together, plus the choosing
+            record.seconds += sum(
+                records[a].seconds if a in records else _seconds(cfg.out / cell.runs[a][0]) for a in cell.candidates
+            )
+            extra = {"chosen": chosen}
+        row = record.summary_row(cfg, run_cfg, dataclasses.asdict(privacy)) | {
+            k: detection.get(k) for k in DETECTION_COLUMNS
+        }
+        record.write(cfg.out / name, cell.data.images, cell.data.labels, row, extra)
+
+
+def _seconds(run_dir: Path) -> float:
+    return float(utils.read_json(run_dir / "metrics.json").get("seconds", 0.0))
+
+
+# --- the study ---------------------------------------------------------------------------------------------
+
+
+def victims(cfg: config.AttackConfig) -> list[tuple[Victim, DataSplit]]:
+    """The victims: a fresh model if --model or --dataset asks for one, else the training runs, else (saying
+    so) the LeNet demonstration."""
+    if cfg.fresh_victim:
+        return [fresh_victim(cfg)]
+    runs = training_runs(cfg)
+    if not runs:
+        print(
+            f"note: no finished training run in {cfg.train_runs}/ (run `uv run train.py` first to attack your own "
+            f"models); attacking the demonstration victim instead: a fresh {config.DEMO_MODEL} on {config.DEMO_DATASET}."
+        )
+        return [fresh_victim(cfg)]
+    return [trained_victim(cfg, run) for run in runs]
+
+
+def summary_rows(out: Path) -> list[dict[str, Any]]:
+    """One row per finished run under `out`, read from its own metrics.json (the source of truth): a lost or
+    damaged summary heals on the next study."""
+    rows = []
+    for run_dir in sorted(out.glob("*")):
+        if run_dir.is_dir() and utils.run_is_done(run_dir):
+            metrics = utils.read_json(run_dir / "metrics.json")
+            rows.append({k: metrics.get(k) for k in SUMMARY_COLUMNS})
+    return rows
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    header = ["victim", "attack", "mechanism", "ε (run / release)", "batch", "PSNR (dB)", "SSIM", "label acc.",
+              "success", "seconds"]  # fmt: skip
+    eps = lambda r: "--" if r["epsilon"] is None else f"{r['epsilon']:.2f} / {r['release_epsilon']:.2f}"
+    body = [
+        [r["victim"], r["attack"], r["mechanism"], eps(r), r["batch_size"], f"{r['psnr']:.1f} ± {r['psnr_std']:.1f}",
+         f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}", r["label_accuracy"], r["success_rate"], r["seconds"]]
+        for r in rows
+    ]  # fmt: skip
+    return utils.markdown_table(header, body)
+
+
+def run_study(cfg: config.AttackConfig) -> None:
+    """Plan every victim's cells (all checks first), run what is unfinished, then rebuild the summaries."""
+    torch.set_num_threads(cfg.threads)
+    device = utils.pick_device(cfg.device)
+    if cfg.images and not cfg.labels:
+        print("note: --images without --labels: every file is labelled class 0.")
+    cells = [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
+    servers: dict = {}
+    for cell in tqdm(cells, desc="leakage study", unit="cell"):
+        run_cell(cfg, cell, device, servers)
+    rows = summary_rows(cfg.out)
+    utils.write_csv(cfg.out / "summary.csv", rows)
+    utils.atomic_write_text(cfg.out / "summary.md", results_table(rows))
+    names = {name for cell in cells for name, _ in cell.runs.values()}
+    print(results_table([r for r in rows if r["run"] in names]))
+    print(f"{len(names)} runs in {cfg.out}/; every finished run has a row in {cfg.out / 'summary.csv'} and summary.md.")
