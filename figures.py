@@ -195,9 +195,12 @@ def _empty(ax: plt.Axes, message: str) -> None:
     ax.set_yticks([])
 
 
-def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, value: str, by: list[str]) -> bool:
-    """value against ε for DP runs (mean ± std over seeds at each target ε, placed at the ε spent), with plain
-    (ε = ∞) and regularized (no ε) training as horizontal reference lines in the same colour. False when
+def _privacy_panel(
+    ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, value: str, by: list[str], release: bool = False
+) -> bool:
+    """value against ε for DP runs (mean ± std over seeds at each target ε, placed at the training run's ε
+    spent), with plain (ε = ∞) and regularized (no ε) training as horizontal reference lines in the same
+    colour. `release`: label each DP point with the ε of the one release the server attacked. False when
     there is nothing to draw."""
     if frame.empty:
         return False
@@ -210,24 +213,29 @@ def _privacy_panel(ax: plt.Axes, frame: pd.DataFrame, mode: str, target: str, va
             mean, std = at[value].mean(), at[value].std(ddof=0)
             ax.errorbar(at.eps.mean(), mean, yerr=std, color=color, marker="o", capsize=3, label=f"{name}: DP-SGD")
             epsilons += list(at.eps.mean().round(1))
+            if release:
+                for x, y, r in zip(at.eps.mean(), mean, at.release_epsilon.mean(), strict=True):
+                    if pd.notna(r):
+                        ax.annotate(f"release ε {r:.1f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
         for mode_name, style, label in (("none", "--", "plain (ε = ∞)"), ("regularized", ":", "regularized (no ε)")):
             reference = group[group[mode] == mode_name][value]
             if not reference.empty:
                 ax.axhline(reference.mean(), color=color, ls=style, label=f"{name}: {label}")
     if epsilons:
         _log_axis(ax, epsilons)
-    ax.set_xlabel("ε spent (log scale; plain training has ε = ∞)")
+    ax.set_xlabel("ε of the whole training run (δ = 1e-5, log scale; plain training has ε = ∞)")
     return True
 
 
 def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
     """The study's question in one picture: per model, what each privacy setting costs in test accuracy (left)
-    and what it buys against the attack (final SSIM and PSNR at the same ε, right)."""
+    and what it buys against the strongest attack (final SSIM and PSNR of `auto` where it ran, else of each
+    attack, at the same ε; each DP point labelled with the ε of the one release the server attacked)."""
     attack = smallest_batch(study.attack)
     attack = attack[attack.mechanism_name.isin(PRIVACY_ORDER)]
-    # a --from-run victim is named after its training run: pair it with that run's architecture
-    attack = attack.assign(victim=attack.victim.replace(dict(zip(study.train.run, study.train.model, strict=True))))
-    models = sorted(set(study.train.model) | set(attack.victim))
+    has_auto = attack.groupby(["model", "dataset"]).attack.transform(lambda names: (names == "auto").any())
+    attack = attack[~has_auto.astype(bool) | (attack.attack == "auto")]
+    models = sorted(set(study.train.model) | set(attack.model))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
     fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False, layout="constrained")
@@ -238,10 +246,10 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
         else:
             _empty(row[0], f"no training runs of {model}\n(uv run train.py --models {model})")
         row[0].set(ylabel="test accuracy", title=f"{model}: utility")
-        runs = attack[attack.victim == model]
+        runs = attack[attack.model == model]
         for ax, metric in zip(row[1:], ["ssim", "psnr"], strict=True):
-            if not _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"]):
-                _empty(ax, f"no attack runs on {model}\n(uv run gradient_attack.py --from-run runs/train/<run>)")
+            if not _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"], True):
+                _empty(ax, f"no attack runs on {model}\n(uv run gradient_attack.py after uv run train.py)")
                 continue
             if metric == "ssim":
                 ax.axhline(cfg.ssim_threshold, color="grey", lw=1, label=f"threshold {cfg.ssim_threshold}")

@@ -61,7 +61,7 @@ class Victim:
     architecture: str
     model: nn.Module
     dataset: str
-    training: dict[str, Any]  # TrainConfig fields the client trained (or would train) with
+    training: dict[str, Any]  # TrainConfig fields the client trained (or would train) with, and its target ε
     privacy: str | None  # the training run's privacy mode; None for a fresh model
     noise_multiplier: float | None  # a DP run's own z, for `dp-sgd` without an ε
     epsilon: float | None  # ... and the ε its whole training spent
@@ -132,6 +132,7 @@ def trained_victim(cfg: config.AttackConfig, run_dir: Path) -> tuple[Victim, Dat
         raise utils.UsageError(f"{run_dir}: config.json names no model or dataset; was it written by train.py?")
     training = dataclasses.asdict(config.TrainConfig())
     training.update({k: v for k, v in run_cfg.items() if k in training})
+    training["target_epsilon"] = run_cfg.get("target_epsilon")  # a DP-SGD run's budget
     split = load_data(cfg, run_cfg["dataset"], training)  # the run's own split: its seed, test share and size
     model = create_model(run_cfg["model"], split.input_shape, split.num_classes, pretrained=training["pretrained"])
     load_checkpoint(model, run_dir / "model.safetensors")
@@ -142,21 +143,27 @@ def trained_victim(cfg: config.AttackConfig, run_dir: Path) -> tuple[Victim, Dat
 
 def victim_mechanisms(cfg: config.AttackConfig, victim: Victim) -> list[MechanismSpec]:
     """--mechanisms for every victim if given; else what each victim shares: a plain run its plain gradient
-    and each gradient defense, a DP-SGD run DP-SGD with its own noise, a regularized run its regularized
-    gradient; the fresh demonstration victim the whole default grid."""
+    and each gradient defense, a DP-SGD run DP-SGD at its own target ε (which gives its own noise multiplier:
+    the same accountant, sampling and steps), a regularized run its regularized gradient; the fresh
+    demonstration victim the whole default grid."""
     if cfg.mechanisms:
         return parse_mechanisms(cfg.mechanisms)
-    own = {"none": ["none", *config.DEFAULT_DEFENSES], "dp-sgd": ["dp-sgd"], "regularized": ["regularized"]}
+    target = victim.training.get("target_epsilon")
+    dp = f"dp-sgd:{target:g}" if target else "dp-sgd"
+    own = {"none": ["none", *config.DEFAULT_DEFENSES], "dp-sgd": [dp], "regularized": ["regularized"]}
     return parse_mechanisms(own.get(victim.privacy, config.DEFAULT_MECHANISMS))
 
 
 def auto_candidates(model: nn.Module) -> list[str]:
-    """The honest attacks `auto` runs on a victim: the FC readout everywhere it applies; the optimisation
-    attacks where gradients reach the pixels cheaply (a frozen backbone's are a 224-pixel network away, and
-    its head's gradient gives the features exactly, which the readout inverts)."""
+    """The honest attacks `auto` runs on a victim: the FC readout everywhere; Inverting Gradients, made for
+    ReLU networks, wherever the gradient reaches the pixels cheaply (a frozen backbone's head gives its
+    features exactly, which the readout inverts, and optimising pixels through a 224-pixel backbone would
+    take hours on a CPU); and iDLG's L-BFGS where the network is smooth (sigmoid or tanh activations, as in
+    the DLG LeNet), the case it was made for: on ReLU networks it does not converge."""
     if isinstance(model, FrozenBackbone):
         return ["fc-readout"]
-    return ["fc-readout", "idlg", "ig"]
+    smooth = any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in model.modules())
+    return ["fc-readout", "idlg", "ig"] if smooth else ["fc-readout", "ig"]
 
 
 def victim_attacks(cfg: config.AttackConfig, victim: Victim) -> list[str]:
@@ -222,13 +229,14 @@ class Privacy:
 def client_setup(victim: Victim, mech: MechanismSpec, num_train: int, seed: int) -> tuple[ClientSetup, Privacy]:
     """The set-up the client shares with: for dp-sgd:EPS the accountant's noise multiplier for ε = EPS under the
     training study's sampling (privacy.poisson_schedule, as Opacus sets it up), so larger ε means less noise; plain
-    `dp-sgd` uses the DP run's own."""
+    `dp-sgd`, or a DP run's own target ε, uses the noise multiplier that run recorded."""
     t = victim.training
     kappa = (t["lr"] * t["reg_sigma"]) ** 2
     base = ClientSetup(max_grad_norm=t["max_grad_norm"], lr=t["lr"], kappa=kappa, seed=seed)
     if mech.name != "dp-sgd":
         return base, Privacy()
-    if mech.strength is None:
+    own = victim.noise_multiplier is not None and mech.strength in (None, victim.training.get("target_epsilon"))
+    if own:  # the DP run's own budget: its recorded noise multiplier and ε
         z, epsilon = victim.noise_multiplier, victim.epsilon
     else:
         sample_rate, steps = poisson_schedule(num_train, t["batch_size"], t["epochs"])
@@ -354,6 +362,9 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
     mechanisms = victim_mechanisms(cfg, victim)
     check_mechanisms(mechanisms, victim, split, cfg.batch_sizes, len(data.exclude))
     attacks = victim_attacks(cfg, victim)
+    for attack in attacks:
+        if attack != AUTO and ATTACKS[attack].check:
+            ATTACKS[attack].check(victim.model)
     candidates = auto_candidates(victim.model) if AUTO in attacks else []
     groups = [[a for a in attacks if a == AUTO or not ATTACKS[a].prepare]] + [
         [a] for a in attacks if a != AUTO and ATTACKS[a].prepare

@@ -26,6 +26,7 @@ TRAIN_KEYS = ["run", "dataset", "model", "privacy", "target_epsilon", "epsilon",
 TRAIN_KEYS += ["specificity", "f1", "mcc", "seed"]
 ATTACK_KEYS = ["run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon"]
 ATTACK_KEYS += ["batch_size", "num_images", "loss", "mse", "psnr", "ssim", "seed"]
+ATTACK_EXTRAS = ["model", "release_epsilon", "noise_multiplier"]  # newer runs' columns; empty for older ones
 IMAGE_KEYS = ["image", "mse", "psnr", "ssim", "label_correct"]
 TRAJECTORY_COLUMNS = ["image", "iteration", "loss", "ssim"]
 SNAPSHOT_KEYS = ["iterations", "snapshots", "originals"]
@@ -138,8 +139,14 @@ def load_study(runs: Path) -> Study:
     images = [{"run": m["run"], **{k: r[k] for k in IMAGE_KEYS}} for m in attack for r in m["per_image"]]
     trajectories = [t for m in attack if (t := _read_trajectory(m["run"], m["dir"], problems)) is not None]
     numeric = ["target_epsilon", "epsilon", "strength", "batch_size", "num_images", "mse", "psnr", "ssim"]
+    numeric += ["release_epsilon", "noise_multiplier"]
     train_frame = pd.DataFrame(train, columns=TRAIN_KEYS)
-    attack_frame = pd.DataFrame(attack, columns=[*ATTACK_KEYS, "dir", "has_snapshots"])
+    attack_frame = pd.DataFrame(attack, columns=[*ATTACK_KEYS, *ATTACK_EXTRAS, "dir", "has_snapshots"])
+    # the victim's architecture: recorded by newer runs; a train.py run's model, or the victim's name, before
+    architectures = dict(zip(train_frame.run, train_frame.model, strict=True))
+    attack_frame["model"] = attack_frame.model.fillna(attack_frame.victim.map(architectures)).fillna(
+        attack_frame.victim
+    )
     for frame in (train_frame, attack_frame):
         cols = [c for c in numeric if c in frame.columns]
         frame[cols] = frame[cols].apply(pd.to_numeric, errors="coerce")

@@ -57,6 +57,7 @@ class Attack:
     prepare: Callable[..., Served] | None = None
     description: str = ""
     settings: tuple[str, ...] = ()  # the AttackConfig fields it reads beyond the common ones (seed, iterations, ...)
+    check: Callable[[nn.Module], object] | None = None  # raises UsageError where the model does not fit the attack
 
 
 ATTACKS: dict[str, Attack] = {}

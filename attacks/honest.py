@@ -66,5 +66,6 @@ ATTACKS = {
         1,
         description="exact readout of the first FC layer's input, then inversion",
         settings=INVERSION_SETTINGS,
+        check=readout_layer,
     ),
 }

@@ -381,8 +381,14 @@ ATTACKS = {
         prepare_giavmp,
         "GIAvMP: poisoned first FC layer, exact readout from lone neurons",
         GIAVMP_SETTINGS,
+        trap_layer,
     ),
     "rtf": Attack(
-        run_malicious, 1, prepare_rtf, "Robbing the Fed: imprint block, exact readout from lone bins", RTF_SETTINGS
+        run_malicious,
+        1,
+        prepare_rtf,
+        "Robbing the Fed: imprint block, exact readout from lone bins",
+        RTF_SETTINGS,
+        trap_layer,
     ),
 }

@@ -56,7 +56,10 @@ def candidate_gradients(
 
     def clipped_mean(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """DP-SGD's per-sample clipping, Opacus' factor min(1, C / (norm + 1e-6)), then the batch mean."""
-        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(p, x[:, None], t[:, None])
+        if len(x) == 1:  # one sample: its gradient is the batch's, no per-sample machinery needed
+            per_sample = {n: g[None] for n, g in grad(loss)(p, x, t).items()}
+        else:
+            per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(p, x[:, None], t[:, None])
         norms = torch.cat([per_sample[n].flatten(1) for n in names], 1).norm(dim=1)
         factor = (clip / (norms + 1e-6)).clamp(max=1.0)
         return {n: torch.einsum("b,b...->...", factor, per_sample[n]) / len(x) for n in names}

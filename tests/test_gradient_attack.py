@@ -1,5 +1,5 @@
-"""The leakage study end to end on tiny settings: the run-directory contract, resuming, --from-run,
---images, the ε -> noise calibration, and bad input (exit 2, one message, nothing written)."""
+"""The leakage study end to end on tiny settings: the run-directory contract, resuming, the training runs as
+victims, --images, the ε -> noise calibration, and bad input (exit 2, one message, nothing written)."""
 
 import dataclasses
 from pathlib import Path
@@ -10,13 +10,18 @@ import torch
 from PIL import Image
 from skimage.data import astronaut
 
+import analysis
 import config
+import figures
 import gradient_attack
+import leakage
+import train
 import utils
 from defenses import MechanismSpec
 from models import create_model, save_checkpoint
+from privacy import release_epsilon
 
-FAST = ["--iterations", "2", "--log-every", "1", "--num-images", "2"]
+FAST = ["--iterations", "2", "--log-every", "1", "--num-images", "2", "--inversion-steps", "2"]
 RUN_FILES = {"config.json", "metrics.json", "trajectory.csv", "snapshots.npz", "reconstruction.png"}
 
 
@@ -31,10 +36,11 @@ def run_cli(args):
 
 def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
     out = tmp_path / "attack"
-    args = ["--out", str(out), "--mechanisms", "none", "noise:0.1", "--batch-sizes", "1", "2", *FAST]
+    args = ["--model", "lenet", "--attacks", "dlg", "--mechanisms", "none", "noise:0.1", "--batch-sizes", "1", "2"]
+    args += ["--out", str(out), *FAST]
     assert run_cli(args) == 0
     rows = utils.read_csv(out / "summary.csv")
-    assert list(rows[0]) == gradient_attack.SUMMARY_COLUMNS
+    assert list(rows[0]) == leakage.SUMMARY_COLUMNS
     assert {(r["mechanism"], r["batch_size"]) for r in rows} == {
         ("none", "1"),
         ("none", "2"),
@@ -68,18 +74,21 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
     stamp = (run / "metrics.json").stat().st_mtime_ns
     assert run_cli([*args, "--rtf-bins", "64"]) == 0  # a malicious-server setting does not bear on dlg runs
     assert (run / "metrics.json").stat().st_mtime_ns == stamp
-    changed = ["--out", str(out), "--mechanisms", "none", "--iterations", "3", "--log-every", "1", "--num-images", "2"]
+    changed = ["--out", str(out), "--model", "lenet", "--attacks", "dlg", "--mechanisms", "none", "--iterations", "3"]
     assert run_cli(changed) == 2  # a finished run made with other settings is not silently reused
     assert "already finished with other settings" in capsys.readouterr().err
 
 
 def test_larger_epsilon_means_less_noise():
     training = dataclasses.asdict(config.TrainConfig(accountant="rdp"))  # rdp: the fastest accountant
-    victim = gradient_attack.Victim("lenet", "lenet", None, "digits", training, None, None)
-    setups = [gradient_attack.client_setup(victim, MechanismSpec("dp-sgd", eps), 1347, 0) for eps in (8.0, 50.0)]
+    victim = leakage.Victim("lenet", "lenet", None, "digits", training, None, None, None)
+    setups = [leakage.client_setup(victim, MechanismSpec("dp-sgd", eps), 1347, 0) for eps in (8.0, 50.0)]
     (strong, eps8), (weak, eps50) = setups
     assert strong.noise_multiplier > weak.noise_multiplier > 0
-    assert eps8 <= 8.0 and eps8 == pytest.approx(8.0, rel=0.05) and eps50 <= 50.0
+    assert eps8.epsilon <= 8.0 and eps8.epsilon == pytest.approx(8.0, rel=0.05) and eps50.epsilon <= 50.0
+    # the one attacked release is a Gaussian mechanism, less private than a step of subsampled training ...
+    assert eps8.release_epsilon == pytest.approx(release_epsilon(strong.noise_multiplier, 1e-5))
+    assert eps8.release_epsilon < eps50.release_epsilon  # ... and more private at a smaller budget
 
 
 def write_train_run(run_dir, privacy="dp-sgd"):
@@ -97,19 +106,32 @@ def write_train_run(run_dir, privacy="dp-sgd"):
 
 
 def test_from_run_uses_the_trained_model_and_its_dp_setup(tmp_path):
-    trained = write_train_run(tmp_path / "train" / "digits-lenet-dp-sgd-eps8")
-    cfg = config.parse(config.AttackConfig, ["--from-run", str(tmp_path / "train" / "digits-lenet-dp-sgd-eps8")])
-    victim, split = gradient_attack.load_victim(cfg)
+    run_dir = tmp_path / "train" / "digits-lenet-dp-sgd-eps8"
+    trained = write_train_run(run_dir)
+    cfg = config.parse(config.AttackConfig, ["--from-run", str(run_dir)])
+    victim, split = leakage.trained_victim(cfg, run_dir)
     for a, b in zip(victim.model.state_dict().values(), trained.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    setup, eps = gradient_attack.client_setup(victim, MechanismSpec("dp-sgd", None), len(split.x_train), 0)
-    assert (setup.noise_multiplier, setup.max_grad_norm, eps) == (1.3, 0.5, 7.9)
+    setup, privacy = leakage.client_setup(victim, MechanismSpec("dp-sgd", None), len(split.x_train), 0)
+    assert (setup.noise_multiplier, setup.max_grad_norm, privacy.epsilon) == (1.3, 0.5, 7.9)
 
     out = tmp_path / "attack"
-    run = ["--from-run", str(tmp_path / "train" / "digits-lenet-dp-sgd-eps8"), "--out", str(out)]
-    assert run_cli([*run, "--mechanisms", "dp-sgd", *FAST]) == 0
+    run = ["--from-run", str(tmp_path / "train" / "*"), "--out", str(out)]  # a glob, as a shell would pass it
+    assert run_cli([*run, "--attacks", "idlg", *FAST]) == 0  # its own mechanism: dp-sgd with its own noise
     row = utils.read_csv(out / "summary.csv")[0]
-    assert row["victim"] == "digits-lenet-dp-sgd-eps8" and row["mechanism"] == "dp-sgd" and float(row["epsilon"]) == 7.9
+    assert (
+        row["victim"] == "digits-lenet-dp-sgd-eps8" and row["mechanism"] == "dp-sgd:8" and float(row["epsilon"]) == 7.9
+    )
+    assert float(row["release_epsilon"]) == pytest.approx(release_epsilon(1.3, 1e-5))  # the one release attacked
+    assert row["model"] == "lenet" and float(row["noise_multiplier"]) == 1.3 and float(row["max_grad_norm"]) == 0.5
+
+
+def test_with_no_training_run_the_study_says_so_and_attacks_the_demonstration(tmp_path, capsys):
+    out = tmp_path / "attack"
+    args = ["--train-runs", str(tmp_path / "nothing"), "--out", str(out), "--attacks", "idlg", "--mechanisms", "none"]
+    assert run_cli([*args, *FAST]) == 0
+    assert "no finished training run" in capsys.readouterr().out
+    assert (out / "lenet-digits-idlg-none-b1-s0" / "metrics.json").exists()
 
 
 def test_a_users_colour_photo_is_recovered_from_the_undefended_update(tmp_path):
@@ -142,7 +164,7 @@ def not_an_image(tmp_path):
         (["--mechanisms", "prune:1.5"], "strength 1.5 in 'prune:1.5' is out of range"),
         (["--mechanisms", "quantize:0"], "integer number of bits"),
         (["--mechanisms", "dp-sgd:0"], "ε in (0, 100]"),
-        (["--mechanisms", "dp-sgd"], "needs --from-run of a DP-SGD run"),
+        (["--mechanisms", "dp-sgd"], "reuses a DP-SGD training run's noise"),
         (["--images", "missing.png"], "does not exist"),
         (["--images", "NOT_AN_IMAGE"], "is not an image"),
         (["--batch-sizes", "5000"], "training set has 1347"),
@@ -150,6 +172,9 @@ def not_an_image(tmp_path):
         (["--from-run", "NOT_A_RUN"], "is not a finished train.py run"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--rtf-bins", "8", "--rtf-measurements", "5"], "--rtf-measurements 5 must lie in [0, 4]"),
+        (["--from-run", "NOT_A_RUN", "--model", "cnn"], "Give one or the other"),
+        (["--from-run", "NOT_A_RUN/*"], "matches no finished train.py run"),
+        (["--attacks", "giavmp", "--model", "lenet"], "first one is its classifier"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys, not_an_image, args, message):
@@ -158,7 +183,7 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys,
         a.replace("NOT_AN_IMAGE", str(not_an_image)).replace("NOT_A_RUN", str(tmp_path / "empty_dir")) for a in args
     ]
     out = tmp_path / "attack"
-    assert run_cli([*args, "--out", str(out)]) == 2
+    assert run_cli([*args, "--out", str(out), "--train-runs", str(tmp_path / "no-runs")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
@@ -166,9 +191,42 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys,
 
 def test_the_servers_auxiliary_data_holds_neither_the_victims_images_nor_the_clients_test_split():
     cfg = config.parse(config.AttackConfig, ["--num-images", "8"])
-    split = gradient_attack.load_data(cfg, "digits", dataclasses.asdict(config.TrainConfig()))
-    data = gradient_attack.private_data(cfg, split, 8)
-    aux = gradient_attack.aux_data(split, data.exclude)
+    split = leakage.load_data(cfg, "digits", dataclasses.asdict(config.TrainConfig()))
+    data = leakage.private_data(cfg, split, 8)
+    aux = leakage.aux_data(split, data.exclude)
     assert len(data.exclude) == 8 and len(aux.x_test) == 0 and len(split.x_test) > 0
     others = [i for i in range(len(split.x_train)) if i not in data.exclude]
     assert torch.equal(aux.x_train, split.x_train[others])
+
+
+def test_the_default_chain_attacks_every_training_run_under_its_own_privacy(tmp_path, monkeypatch):
+    """uv run train.py && uv run gradient_attack.py && uv run analysis.py, on a tiny training study: every run
+    is attacked under what it shares, auto picks by the server's own measure, and the trade-off figure has
+    accuracy and leakage for the model, with no empty panel."""
+    train.main(["--out", str(tmp_path / "train"), "--epochs", "1", "--epsilons", "8", "--accountant", "rdp"])
+    assert run_cli(["--train-runs", str(tmp_path / "train"), "--out", str(tmp_path / "attack"), *FAST]) == 0
+    rows = utils.read_csv(tmp_path / "attack" / "summary.csv")
+    shared = {(r["victim"], r["mechanism"]) for r in rows}
+    assert shared == {
+        *(("faces-cnn-none", m) for m in ["none", *config.DEFAULT_DEFENSES]),
+        ("faces-cnn-dp-sgd-eps8", "dp-sgd:8"),
+        ("faces-cnn-regularized", "regularized"),
+    }
+    assert {r["attack"] for r in rows} == {"auto", "fc-readout", "ig"}  # a ReLU cnn: no L-BFGS attack
+    assert all(r["model"] == "cnn" for r in rows)
+
+    trained = utils.read_json(tmp_path / "train" / "faces-cnn-dp-sgd-eps8" / "metrics.json")
+    dp = next(r for r in rows if r["mechanism"] == "dp-sgd:8" and r["attack"] == "auto")
+    assert float(dp["noise_multiplier"]) == pytest.approx(trained["noise_multiplier"])  # the run's own noise
+    assert float(dp["epsilon"]) == pytest.approx(trained["epsilon"], rel=1e-3)  # ... and its whole-run ε
+    assert float(dp["release_epsilon"]) == pytest.approx(release_epsilon(trained["noise_multiplier"], 1e-5))
+
+    for row in (r for r in rows if r["attack"] == "auto"):
+        metrics = utils.read_json(tmp_path / "attack" / row["run"] / "metrics.json")
+        for batch in metrics["chosen"]:  # the candidate that explains the shared update best, by its own measure
+            assert batch["attack"] == min(batch["matching"], key=batch["matching"].get)
+
+    empty_panels = []
+    monkeypatch.setattr(figures, "_empty", lambda ax, message: empty_panels.append(message))
+    analysis.main(["--runs", str(tmp_path), "--out", str(tmp_path / "static"), "--dpi", "50"])
+    assert (tmp_path / "static" / "privacy_tradeoff.png").exists() and empty_panels == []

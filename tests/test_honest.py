@@ -1,0 +1,102 @@
+"""The honest server's analytic readout: the first fully connected layer gives its input away exactly for one
+sample (the image for an MLP, the features for a CNN or a frozen backbone's head), modelling the defense it
+knows; the attacks never import the evaluation side; the ε of one attacked release is the accountant's."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from attacks import ATTACKS
+from attacks.readout import layer_inputs, rank_one_readout, readout_gradients
+from data_sources import load_dataset
+from defenses import ClientSetup, MechanismSpec, client_update
+from models import create_model
+from privacy import epsilon_spent, release_epsilon
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = SimpleNamespace(seed=0, inversion_steps=3, inversion_gradient_weight=0.1, log_every=1)
+
+
+def lone_update(model, image, label, mechanism="none", strength=None, **setup):
+    return client_update(model, image, label, MechanismSpec(mechanism, strength), ClientSetup(**setup))
+
+
+@pytest.mark.parametrize("architecture, dataset", [("fcnn", "digits"), ("mlp", "breast-cancer"), ("cnn", "faces")])
+def test_the_first_fc_layer_gives_a_lone_samples_input_exactly(architecture, dataset):
+    split = load_dataset(dataset)
+    torch.manual_seed(0)
+    model = create_model(architecture, split.input_shape, split.num_classes)
+    x, y = split.x_train[5:6], split.y_train[5:6]
+    rec = ATTACKS["fc-readout"].run(model, lone_update(model, x, y), split.input_shape, split.num_classes, CFG, print)
+    read = rec.images.flatten(1) if rec.features is None else rec.features  # pixels for an MLP, else features
+    assert (read - layer_inputs(model, x)).abs().max() < 1e-4
+    assert rec.labels.tolist() == y.tolist() and rec.exact == 1
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "dinov2"])
+def test_a_frozen_backbones_head_gives_the_features_exactly(backbone):
+    """Random weights (offline): the head's gradient gives the backbone features of the image exactly, and
+    the backbone, frozen but differentiable, lets the inversion move the image."""
+    split = load_dataset("faces")
+    torch.manual_seed(0)
+    model = create_model(backbone, split.input_shape, split.num_classes, pretrained=False)
+    x, y = split.x_train[:1], split.y_train[:1]
+    logged = []
+    rec = ATTACKS["fc-readout"].run(
+        model, lone_update(model, x, y), split.input_shape, split.num_classes, CFG, lambda *a: logged.append(a)
+    )
+    true = model.features(x).detach()
+    assert torch.nn.functional.cosine_similarity(rec.features, true).item() > 0.9999
+    assert not torch.equal(logged[0][1], logged[-1][1])  # the images moved: a gradient reached them
+
+
+def test_the_readout_models_the_regularized_loss():
+    """Under PDP-SGD's penalty the weight gradient is b x^T + 2 kappa W x^2: the naive ratio is off, the
+    readout that adds the known penalty is exact."""
+    split = load_dataset("digits")
+    torch.manual_seed(0)
+    model = create_model("fcnn", split.input_shape, split.num_classes)
+    x, y = split.x_train[:1], split.y_train[:1]
+    update = lone_update(model, x, y, "regularized", kappa=1e-3)
+    grad_w, grad_b = readout_gradients(model, update)
+    naive = rank_one_readout(grad_w, grad_b)
+    adaptive = rank_one_readout(grad_w, grad_b, model.fc.weight.detach(), update.kappa)
+    assert (adaptive - x.flatten()).abs().max() < 1e-4 < (naive - x.flatten()).abs().max()
+
+
+def test_the_readout_fits_only_the_shared_entries_of_a_pruned_update():
+    split = load_dataset("digits")
+    torch.manual_seed(0)
+    model = create_model("fcnn", split.input_shape, split.num_classes)
+    x, y = split.x_train[:1], split.y_train[:1]
+    rec = ATTACKS["fc-readout"].run(model, lone_update(model, x, y, "prune", 0.5), split.input_shape, 10, CFG, print)
+    assert (rec.images.flatten() - x.flatten()).abs().max() < 1e-4
+
+
+def test_the_attacks_never_import_the_evaluation_side():
+    """`auto` and every attack choose with what the server has: no module under attacks/ imports the scoring,
+    the evaluation or the study that holds the private batch."""
+    evaluation = {"metrics", "evaluation", "leakage", "gradient_attack", "config"}
+    for path in (ROOT / "attacks").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        runtime = imported - {"config"} if "TYPE_CHECKING" in path.read_text() else imported  # type hints only
+        assert not runtime & evaluation, f"{path.name} imports {runtime & evaluation}"
+
+
+@pytest.mark.parametrize("z", [0.6, 1.3, 3.0])
+def test_a_releases_epsilon_is_the_accountants_for_one_gaussian_step(z):
+    """The ε of one clipped, noised release: Opacus' accountant for one step at rate 1, and at that ε the
+    Gaussian mechanism's exact privacy profile (Balle & Wang 2018) gives a δ just at the target."""
+    eps = release_epsilon(z, 1e-5)
+    assert eps == pytest.approx(epsilon_spent(z, 1.0, 1, 1e-5, "prv"))
+    delta = norm.cdf(-eps * z + 1 / (2 * z)) - math.exp(eps) * norm.cdf(-eps * z - 1 / (2 * z))
+    assert 0.8e-5 < delta <= 1e-5
