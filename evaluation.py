@@ -73,7 +73,7 @@ class RunRecord:
         cosines = [math.nan] * len(originals)
         if rec.features is not None:
             self.features.append(rec.features[order])
-            true = layer_inputs(model.cpu(), originals)
+            true = layer_inputs(model, originals.to(next(model.parameters()).device)).cpu()
             cosines = F.cosine_similarity(rec.features[order].double(), true.double(), dim=1).tolist()
         for i in range(len(originals)):
             self.per_image.append(
