@@ -33,7 +33,7 @@ from tqdm import tqdm
 import config
 import utils
 from attacks import ATTACKS
-from attacks.malicious import detect_poisoning
+from attacks.malicious import detect_poisoning, honest_training
 from attacks.matching import matching_score
 from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
@@ -392,11 +392,12 @@ def served_model(cfg: config.AttackConfig, cell: Cell, cache: dict) -> tuple[nn.
     if attack == AUTO or not ATTACKS[attack].prepare:
         return cell.victim.model, {}
     key = cell.victim.name, attack
-    if key not in cache:
+    if key not in cache:  # a trained victim is the honest global model; a fresh one first gets a short training
         aux = aux_data(cell.split, cell.data.exclude)
-        cache[key] = ATTACKS[attack].prepare(
-            cell.victim.model, cell.split.input_shape, cell.split.num_classes, aux, cfg
-        )
+        honest = cell.victim.model
+        if cell.victim.privacy is None:
+            honest = honest_training(honest, aux, cfg.honest_epochs, cfg.seed)
+        cache[key] = ATTACKS[attack].prepare(honest, cell.split.input_shape, cell.split.num_classes, aux, cfg)
     served = cache[key]
     sent = served.sent[cell.batch_size]
     check = {}

@@ -144,9 +144,9 @@ def load_study(runs: Path) -> Study:
     attack_frame = pd.DataFrame(attack, columns=[*ATTACK_KEYS, *ATTACK_EXTRAS, "dir", "has_snapshots"])
     # the victim's architecture: recorded by newer runs; a train.py run's model, or the victim's name, before
     architectures = dict(zip(train_frame.run, train_frame.model, strict=True))
-    attack_frame["model"] = attack_frame.model.fillna(attack_frame.victim.map(architectures)).fillna(
-        attack_frame.victim
-    )
+    known = attack_frame.model.astype(object)
+    attack_frame["model"] = known.where(known.notna(), attack_frame.victim.map(architectures))
+    attack_frame["model"] = attack_frame.model.where(attack_frame.model.notna(), attack_frame.victim)
     for frame in (train_frame, attack_frame):
         cols = [c for c in numeric if c in frame.columns]
         frame[cols] = frame[cols].apply(pd.to_numeric, errors="coerce")

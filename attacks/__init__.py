@@ -49,7 +49,7 @@ class Served:
 @dataclass(frozen=True)
 class Attack:
     """One attack: `run(model, update, input_shape, num_classes, cfg, observe) -> Reconstruction`, and for a
-    malicious server `prepare(model, input_shape, num_classes, aux, cfg) -> Served` from the victim's model,
+    malicious server `prepare(model, input_shape, num_classes, aux, cfg) -> Served` from the honest global model,
     one sent model per batch size in cfg.batch_sizes (aux: a DataSplit disjoint from the victim's images)."""
 
     run: Callable[..., Reconstruction]

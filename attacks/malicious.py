@@ -322,18 +322,11 @@ def honest_training(model: nn.Module, aux: DataSplit, epochs: int, seed: int) ->
     return trained.eval()
 
 
-def _honest_model(model: nn.Module, aux: DataSplit, cfg: AttackConfig) -> nn.Module:
-    """The victim's trained weights under --from-run, else a short honest training of the fresh model."""
-    if cfg.from_run is not None:
-        return copy.deepcopy(model).cpu().eval()
-    return honest_training(model, aux, cfg.honest_epochs, cfg.seed)
-
-
 def prepare_giavmp(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, aux: DataSplit, cfg: AttackConfig
 ) -> Served:
-    """GIAvMP's poisoned models, one fitted for each batch size of the study."""
-    honest = _honest_model(model, aux, cfg)
+    """GIAvMP's poisoned models, one fitted for each batch size of the study, from the honest global `model`."""
+    honest = copy.deepcopy(model).cpu().eval()
     sent = {
         b: giavmp_model(honest, aux.x_train, b, cfg.giavmp_per_sample, cfg.seed, cfg.cache_dir) for b in cfg.batch_sizes
     }
@@ -345,7 +338,7 @@ def prepare_rtf(
 ) -> Served:
     """RtF's imprinted models, one per batch size; with --rtf-measurements 0 each imprint measures as many
     statistics as recover the most of its batch size in simulation (best_measurement_count)."""
-    honest = _honest_model(model, aux, cfg)
+    honest = copy.deepcopy(model).cpu().eval()
     sent = {
         b: rtf_model(
             honest, aux.x_train, cfg.rtf_bins, cfg.rtf_measurement, cfg.seed, cfg.rtf_thresholds,

@@ -67,6 +67,7 @@ def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 
     row |= dict(
         strength=float(strength) if strength else None, epsilon=float(strength) - 0.1 if name == "dp-sgd" else None
     )
+    row |= dict(release_epsilon=float(strength) * 0.4 if name == "dp-sgd" else None)
     row |= dict(batch_size=batch_size, num_images=2, iterations=20, restarts=1, loss=1e-3, seconds=1.0, seed=0)
     row |= dict(mse=np.mean([r["mse"] for r in per_image]), psnr=_psnr(ssim), ssim=ssim, label_accuracy=1.0)
     row |= dict(success_rate=np.mean([r["ssim"] >= 0.5 for r in per_image]), recovered_fraction=0.0)
@@ -243,8 +244,9 @@ def test_attack_table_carries_mean_and_spread_over_images(full_report):
     row = table_row(report, Mechanism="noise:0.001", Batch="1")
     assert row["SSIM"] == "0.700 ± 0.020"  # the two images sit at 0.72 and 0.68
     assert row["PSNR (dB)"] == f"{_psnr(0.7):.2f} ± 0.40"  # PSNR = 10 + 20 SSIM, so its std is 20 * 0.02
-    assert row["Images"] == "2" and row["ε spent"] == "--"
-    assert table_row(report, Mechanism="dp-sgd:8", Batch="1")["ε spent"] == "7.90"  # the accountant's, not 8
+    assert row["Images"] == "2" and row["ε (run / release)"] == "--"
+    dp = table_row(report, Mechanism="dp-sgd:8", Batch="1")["ε (run / release)"]
+    assert dp == "7.90 / 3.20"  # the accountant's for the whole run (not the target 8), and for the one release
     assert table_row(report, Mechanism="none", Batch="2")["Success rate (SSIM ≥ 0.5)"] == "0.500"
     assert table_row(report, Mechanism="none", Batch="4")["Success rate (SSIM ≥ 0.5)"] == "0.000"
     assert table_row(report, Mechanism="none", Batch="4")["Label acc."] == "1.000"
