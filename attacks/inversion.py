@@ -6,6 +6,7 @@ trains; a frozen backbone has none), under a total-variation image prior.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from attacks import Observer, Reconstruction, Trajectory, num_reconstructed, total_variation
+from attacks.labels import recover_labels
 from attacks.readout import (
     Readout,
     frozen_copy,
@@ -131,6 +133,7 @@ def readout_reconstruction(
     layer's gradient left unexplained), else by inverting the features (its loss the final feature error;
     the features go with the reconstruction, for the evaluation to say how exactly they were read)."""
     count = num_reconstructed(update)
+    readout = with_counted_labels(readout, model, update, input_shape, count, cfg.seed)
     counts = {"exact": readout.exact, "collisions": readout.collisions}
     if reads_pixels(model, input_shape):
         images, labels = readout_images(readout, count, input_shape)
@@ -139,3 +142,22 @@ def readout_reconstruction(
     features, labels = readout_rows(readout, count)
     images, error = invert_features(model, features, labels, input_shape, update, cfg, observe)
     return Reconstruction(images, labels, error, features=features, **counts)
+
+
+def with_counted_labels(
+    readout: Readout, model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], count: int, seed: int
+) -> Readout:
+    """The readout with the labels of its unchecked rows (mixtures) replaced: the exact readouts keep the labels
+    their check found, and the other rows take, in turn, the labels that the last layer's gradient counts
+    (attacks.labels) and the exact readouts do not account for."""
+    if readout.exact >= len(readout.inputs):
+        return readout
+    left = recover_labels(model, update, input_shape, count, seed).tolist()
+    for label in readout.labels[: readout.exact].tolist():
+        if label in left:
+            left.remove(label)
+    rest = len(readout.inputs) - readout.exact
+    if not left:
+        return readout
+    fill = torch.tensor([left[i % len(left)] for i in range(rest)], dtype=readout.labels.dtype)
+    return dataclasses.replace(readout, labels=torch.cat([readout.labels[: readout.exact], fill]))
