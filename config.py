@@ -143,7 +143,9 @@ class AttackConfig:
     out: Path = Path("runs/attack")
     force: bool = False  # redo runs that already finished
     # feature inversion (fc-readout on a CNN or a frozen backbone, giavmp on a CNN)
-    inversion_steps: int = 300  # Adam steps turning the features read off the FC layer into images
+    inversion_steps: int = 1000  # Adam steps turning the features read off the FC layer into images
+    inversion_restarts: int = 8  # one sample on a CNN: restarts of the inversion from the last convolution's
+    # input (recovered exactly), run as one batch; the best third is averaged
     inversion_gradient_weight: float = 0.1  # weight of the conv-gradient match (0: features only)
     # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
     # malicious-server attacks (giavmp, rtf)
@@ -225,6 +227,8 @@ class AttackConfig:
                 f"--inversion-gradient-weight {self.inversion_gradient_weight} must lie in [0, 10] (0.1 by default; "
                 "0 inverts the conv features by feature matching alone)."
             )
+        if self.inversion_restarts < 1:
+            raise UsageError(f"--inversion-restarts {self.inversion_restarts} must be at least 1 (e.g. 8).")
         if self.inversion_steps < 1:
             raise UsageError(f"--inversion-steps {self.inversion_steps} must be at least 1 (e.g. 200).")
         if self.rtf_measurement not in ("random", "brightness"):

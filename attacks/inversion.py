@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from attacks import Observer, Reconstruction, Trajectory, num_reconstructed, total_variation
 from attacks.labels import recover_labels
+from attacks.layerwise import invert_conv_input, recover_conv_input
 from attacks.readout import (
     Readout,
     frozen_copy,
@@ -33,7 +34,11 @@ if TYPE_CHECKING:
 INVERSION_LR = 0.2  # first Adam step on pixels in [0, 1] when inverting features (GIAvMP on a CNN), decayed
 # to 0 on a cosine: +6 dB on digits and faces (B = 16, 3 draws) over a constant 0.05, which converged too slowly
 INVERSION_TV = 1e-2  # weight of the total-variation prior in that inversion
-INVERSION_SETTINGS = ("inversion_steps", "inversion_gradient_weight")  # the AttackConfig fields it reads
+INVERSION_SETTINGS = (
+    "inversion_steps",
+    "inversion_gradient_weight",
+    "inversion_restarts",
+)  # the AttackConfig fields it reads
 
 
 def layers_in_front(model: nn.Module) -> list[nn.Parameter]:
@@ -140,7 +145,11 @@ def readout_reconstruction(
         observe(1, images, labels, readout.unexplained)
         return Reconstruction(images, labels, readout.unexplained, **counts)
     features, labels = readout_rows(readout, count)
-    images, error = invert_features(model, features, labels, input_shape, update, cfg, observe)
+    target = recover_conv_input(model, update, features, input_shape) if count == 1 else None
+    if target is not None:  # one step further back: the last convolution's input, exactly
+        images, error = invert_conv_input(model, target, labels, input_shape, cfg, observe)
+    else:
+        images, error = invert_features(model, features, labels, input_shape, update, cfg, observe)
     return Reconstruction(images, labels, error, features=features, **counts)
 
 

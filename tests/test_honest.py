@@ -14,14 +14,15 @@ import torch
 from scipy.stats import norm
 
 from attacks import ATTACKS
-from attacks.readout import layer_inputs, rank_one_readout, readout_gradients
+from attacks.layerwise import last_convolution, recover_conv_input, smoothed_front
+from attacks.readout import layer_inputs, rank_one_readout, readout_gradients, readout_inputs
 from data_sources import load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
 from models import create_model
 from privacy import epsilon_spent, release_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = SimpleNamespace(seed=0, inversion_steps=3, inversion_gradient_weight=0.1, log_every=1)
+CFG = SimpleNamespace(seed=0, inversion_steps=3, inversion_gradient_weight=0.1, inversion_restarts=2, log_every=1)
 
 
 def lone_update(model, image, label, mechanism="none", strength=None, **setup):
@@ -100,3 +101,35 @@ def test_a_releases_epsilon_is_the_accountants_for_one_gaussian_step(z):
     assert eps == pytest.approx(epsilon_spent(z, 1.0, 1, 1e-5, "prv"))
     delta = norm.cdf(-eps * z + 1 / (2 * z)) - math.exp(eps) * norm.cdf(-eps * z - 1 / (2 * z))
     assert 0.8e-5 < delta <= 1e-5
+
+
+def test_the_last_convolutions_input_comes_back_exactly_for_one_sample():
+    """The cnn's conv3 has 64 channels over 6 x 6 positions: its input is the null vector of one linear map,
+    scaled to the exact features; under a defense the features are not explained and the step declines."""
+    split = load_dataset("faces")
+    torch.manual_seed(0)
+    model = create_model("cnn", split.input_shape, split.num_classes)
+    x, y = split.x_train[7:8], split.y_train[7:8]
+    conv = last_convolution(model)
+    true = readout_inputs(model, x, conv).detach()
+    features = layer_inputs(model, x)
+    recovered = recover_conv_input(model, lone_update(model, x, y), features, split.input_shape)
+    assert conv is model.features[8] and (recovered - true).norm() / true.norm() < 1e-4
+    noisy = lone_update(model, x, y, "noise", 1e-3)
+    assert recover_conv_input(model, noisy, features, split.input_shape) is None
+    two = client_update(model, split.x_train[:2], split.y_train[:2], MechanismSpec("none", None), ClientSetup())
+    assert recover_conv_input(model, two, features, split.input_shape) is None  # a batch: no such step
+
+
+def test_the_smoothed_front_becomes_the_exact_network_at_temperature_zero():
+    split = load_dataset("faces")
+    torch.manual_seed(0)
+    model = create_model("cnn", split.input_shape, split.num_classes)
+    smooth, conv, temperature = smoothed_front(model, last_convolution(model))
+    x = split.x_train[:3]
+    exact = readout_inputs(model, x, last_convolution(model))
+    assert torch.equal(readout_inputs(smooth, x, conv), exact)  # tau None: ReLU and max-pool themselves
+    temperature.tau = 1e-4
+    assert torch.allclose(readout_inputs(smooth, x, conv), exact, atol=1e-3)
+    temperature.tau = 0.3
+    assert not torch.allclose(readout_inputs(smooth, x, conv), exact, atol=1e-2)
