@@ -100,6 +100,9 @@ def build_report(study: Study, cfg: AnalysisConfig) -> str:
                 figures.plot_evolution(study, cfg, "ssim", ssim, "ssim_evolution_filtered", leaking_only=True)
             ),
             "Loss evolution": figures.plot_evolution(study, cfg, "loss", loss, "loss_evolution"),
+            "What each privacy mode leaves to the strongest attack": (
+                figures.plot_reconstruction_grids(study, cfg, privacy=True)
+            ),
             "Originals vs final reconstructions": figures.plot_reconstruction_grids(study, cfg),
             "Reconstruction evolution": figures.plot_reconstruction_evolution(study, cfg),
             "Defense sensitivity": (

@@ -26,6 +26,7 @@ from results import (
     mechanism_order,
     scenario_title,
     smallest_batch,
+    strongest,
 )
 from utils import atomic_write_bytes
 
@@ -121,11 +122,11 @@ def plot_evolution(study: Study, cfg: AnalysisConfig, column: str, ylabel: str, 
 NO_SNAPSHOTS = "_Skipped: no attack run has a readable snapshots.npz._\n"
 
 
-def _picture_scenarios(study: Study) -> list[tuple[tuple, pd.DataFrame]]:
-    """Per scenario, one run per mechanism to show as pictures: the smallest batch, lowest seed, with snapshots."""
-    runs = smallest_batch(study.attack)
-    reps = runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*SCENARIO, "mechanism"])
-    return list(reps.groupby(SCENARIO))
+def _picture_scenarios(runs: pd.DataFrame, by: list[str] = SCENARIO) -> list[tuple[tuple, pd.DataFrame]]:
+    """Per group, one run per mechanism to show as pictures: the smallest batch, lowest seed, with snapshots."""
+    runs = smallest_batch(runs)
+    reps = runs[runs.has_snapshots.astype(bool)].sort_values("seed").drop_duplicates([*by, "mechanism"])
+    return list(reps.groupby(by))
 
 
 def _image_grid(columns: list[tuple[str, np.ndarray]], n: int, title: str) -> plt.Figure:
@@ -143,9 +144,15 @@ def _image_grid(columns: list[tuple[str, np.ndarray]], n: int, title: str) -> pl
     return fig
 
 
-def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
-    """Per scenario: one row per image, its original first, then each mechanism's final reconstruction."""
-    scenarios = _picture_scenarios(study)
+def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig, privacy: bool = False) -> str:
+    """Per scenario: one row per image, its original first, then each mechanism's final reconstruction.
+    `privacy`: per model instead, the strongest attack (auto, where it ran) against each privacy mode its
+    training runs share (plain, DP-SGD at each ε, regularized), side by side on the same images."""
+    if privacy:
+        runs = strongest(study.attack[study.attack.mechanism_name.isin(PRIVACY_ORDER)])
+        scenarios = _picture_scenarios(runs, ["model", "dataset", "attack"])
+    else:
+        scenarios = _picture_scenarios(study.attack)
     if not scenarios:
         return NO_SNAPSHOTS
     markdown = ""
@@ -163,7 +170,8 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
         n = min(cfg.max_images, len(originals), *(len(f) for _, f in finals))
         title = f"Originals vs final reconstructions: {scenario_title(scenario)}"
         fig = _image_grid([("original", originals), *finals], n, title)
-        markdown += _save(fig, cfg.out / f"reconstructions_{_slug(*scenario)}.png", cfg.dpi)
+        name = f"{'privacy_' if privacy else ''}reconstructions_{_slug(*scenario)}.png"
+        markdown += _save(fig, cfg.out / name, cfg.dpi)
         if others:
             markdown += f"_Left out of this grid (they attacked other images): {', '.join(others)}._\n"
     return markdown
@@ -171,7 +179,7 @@ def plot_reconstruction_grids(study: Study, cfg: AnalysisConfig) -> str:
 
 def plot_reconstruction_evolution(study: Study, cfg: AnalysisConfig) -> str:
     """Per scenario and mechanism: each image's original, then its reconstruction at evenly spread snapshots."""
-    scenarios = _picture_scenarios(study)
+    scenarios = _picture_scenarios(study.attack)
     if not scenarios:
         return NO_SNAPSHOTS
     markdown = ""
@@ -232,9 +240,7 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
     and what it buys against the strongest attack (final SSIM and PSNR of `auto` where it ran, else of each
     attack, at the same ε; each DP point labelled with the ε of the one release the server attacked)."""
     attack = smallest_batch(study.attack)
-    attack = attack[attack.mechanism_name.isin(PRIVACY_ORDER)]
-    has_auto = attack.groupby(["model", "dataset"]).attack.transform(lambda names: (names == "auto").any())
-    attack = attack[~has_auto.astype(bool) | (attack.attack == "auto")]
+    attack = strongest(attack[attack.mechanism_name.isin(PRIVACY_ORDER)])
     models = sorted(set(study.train.model) | set(attack.model))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"

@@ -165,6 +165,13 @@ def smallest_batch(attack: pd.DataFrame) -> pd.DataFrame:
     return attack[attack.batch_size == attack.groupby(SCENARIO).batch_size.transform("min")]
 
 
+def strongest(attack: pd.DataFrame) -> pd.DataFrame:
+    """The runs that answer "what does this privacy setting buy": `auto`'s (the strongest attack the server can
+    choose) for every model and dataset it ran on, every attack's elsewhere."""
+    has_auto = attack.groupby(["model", "dataset"]).attack.transform(lambda names: (names == "auto").any())
+    return attack[~has_auto.astype(bool) | (attack.attack == "auto")]
+
+
 def mechanism_order(frame: pd.DataFrame) -> list[str]:
     """Mechanism specs in reading order: no defense first, then each defense from its weakest to strongest."""
     rank = {name: i for i, name in enumerate(MECHANISM_ORDER)}
