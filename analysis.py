@@ -10,6 +10,7 @@ stderr and at the end of the report.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pandas as pd
@@ -27,7 +28,7 @@ from results import (
     mechanism_order,
     sweep_table,
 )
-from utils import atomic_write_text, markdown_table, run_cli
+from utils import atomic_write_text, check_output, markdown_table, run_cli
 
 
 def attack_table(study: Study, threshold: float) -> str:
@@ -121,13 +122,22 @@ def build_report(study: Study, cfg: AnalysisConfig) -> str:
     return "# Gradient leakage: report\n\n" + intro + "".join(f"\n## {t}\n\n{body}" for t, body in sections.items())
 
 
+def figure_links(report: str) -> set[str]:
+    return set(re.findall(r"!\[[^\]]*\]\(([^)/]+\.png)\)", report))
+
+
 def main(args: list[str] | None = None) -> None:
     cfg = config.parse(AnalysisConfig, args)
+    check_output(cfg.out)
     study = load_study(cfg.runs)
     for problem in study.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    previous = cfg.out / "report.md"
+    stale = figure_links(previous.read_text(errors="replace")) if previous.is_file() else set()
     report = build_report(study, cfg)
     atomic_write_text(cfg.out / "report.md", report)
+    for name in stale - figure_links(report):  # figures an earlier report drew and this one does not
+        (cfg.out / name).unlink(missing_ok=True)
     print(
         f"wrote {cfg.out / 'report.md'} and its figures ({len(study.train)} training, {len(study.attack)} attack runs)"
     )

@@ -8,6 +8,10 @@ registries it checks against only when it runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -16,34 +20,41 @@ import tyro
 
 from utils import UsageError
 
+MAX_EPOCHS = 10_000  # far beyond any study here; 10^8 made the accountant ask for terabytes
+
 
 @dataclass
 class TrainConfig:
     """The training study: models x privacy settings on one dataset; writes runs/train."""
 
-    dataset: str = "faces"  # embedded and offline; the stand-in for hot-dog / not-hot-dog
-    models: list[str] = field(default_factory=lambda: ["cnn"])  # also: resnet50 dinov2 mlp lenet fcnn
-    privacy: list[str] = field(default_factory=lambda: ["none", "dp-sgd", "regularized"])  # every mode
-    epsilons: list[float] = field(default_factory=lambda: [8.0, 25.0, 50.0])  # the seed study's budgets
+    dataset: str = "faces"
+    """faces (default: embedded, offline, the stand-in for hot-dog), digits, breast-cancer, mnist, cifar10,
+    cifar100, hotdog, or folder:PATH (PATH/{train,test}/<class>/*.jpg)"""
+    models: list[str] = field(default_factory=lambda: ["cnn"])
+    """any of cnn cnn-wide lenet mlp fcnn resnet50 dinov2"""
+    privacy: list[str] = field(default_factory=lambda: ["none", "dp-sgd", "regularized"])  # training modes
+    epsilons: list[float] = field(default_factory=lambda: [8.0, 25.0, 50.0])  # DP-SGD target ε, the seed study's
     delta: float = 1e-5  # must stay below 1/N for N training samples
     max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
     accountant: str = "prv"  # Opacus' default accountant; rdp and gdp also work
-    epochs: int = 15  # faces: the plain CNN reaches ~0.98 test accuracy; the default study takes ~1-3 min on 2 CPUs
+    epochs: int = 15  # faces: the plain CNN reaches ~0.98 test accuracy; the default study takes ~1 min on 2 CPUs
     batch_size: int = 32  # expected batch size; DP-SGD samples each example with rate batch_size / N
     lr: float = 0.05  # SGD learning rate (momentum 0.9)
-    reg_sigma: float = 0.3  # PDP-SGD noise scale σ; penalty weight κ = (lr · σ)² (σ = 1 drove the cnn to chance)
-    # at σ = 1 the penalty swamps the CNN's loss (about 5.5 vs 0.69 at init on faces); at 0.3 it is about 0.5
+    reg_sigma: float = 0.3
+    """PDP-SGD noise scale σ; penalty weight κ = (lr · σ)². At σ = 1 the penalty swamps the cnn's loss (about
+    5.5 vs 0.69 at initialisation on faces) and drives it to chance; at 0.3 it is about 0.5"""
     test_fraction: float = 0.25  # held-out share of the embedded sets (stratified, seeded)
     image_size: int = 64  # side length for image folders and photos; pretrained backbones resize to 224
     pretrained: bool = True  # --no-pretrained builds resnet50/dinov2 with random weights (smoke tests)
     feature_cache: bool = True  # head-only models train on backbone features computed once per split
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when available, else cpu
-    threads: int = 1  # torch CPU threads (0: torch's default, one per core, worth it for resnet50/dinov2)
-    # the cnn trained 25x faster on 1 than on 2 on a busy 2-core CPU; feature extraction likes every core
+    seed: int = 0  # one seed for the split, the initialisation, the batches and the noise; in the run names
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
+    threads: int = 1
+    """torch CPU threads (0: torch's default, one per core, worth it for resnet50/dinov2); the cnn trained 25x
+    faster on 1 than on 2 on a busy 2-core CPU"""
     data_root: Path = Path("data")  # where downloaded and image-folder datasets live
     download: bool = True  # fetch torchvision datasets into data_root when missing
-    out: Path = Path("runs/train")
+    out: Path = Path("runs/train")  # one directory per run, and summary.csv / summary.md of every finished one
     force: bool = False  # redo runs that already finished
 
     def validate(self) -> None:
@@ -73,8 +84,11 @@ class TrainConfig:
             )
         if not self.max_grad_norm > 0:
             raise UsageError(f"--max-grad-norm {self.max_grad_norm} must be positive (e.g. 1.0).")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs {self.epochs} must be at least 1.")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise UsageError(
+                f"--epochs {self.epochs} must lie in [1, {MAX_EPOCHS}]: the accountant's work and memory grow with the "
+                "number of steps (15 train the cnn on faces)."
+            )
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1.")
         if not self.lr > 0:
@@ -114,49 +128,64 @@ class AttackConfig:
     choose (auto); writes runs/attack. Mechanisms read name[:strength] (sweeps name:a,b,c): none, dp-sgd[:EPS],
     regularized, prune:P, quantize:BITS, noise:SIGMA, topk:K, secagg:CLIENTS."""
 
-    from_run: list[str] = field(default_factory=list)  # train.py run dirs or globs (runs/train/*): the victims
+    from_run: list[str] = field(default_factory=list)
+    """train.py run directories or globs (runs/train/*): the victims"""
     train_runs: Path = Path("runs/train")  # without --from-run/--model: attack every finished run found here
-    model: str | None = None  # a fresh victim instead (lenet cnn cnn-wide mlp fcnn resnet50 dinov2)
-    # with no training run at all, the demonstration: a fresh LeNet (the DLG LeNet, sigmoid) on digits
-    dataset: str | None = None  # the fresh victim's data (default digits); trained victims use their own
+    model: str | None = None
+    """a fresh victim instead: lenet cnn cnn-wide mlp fcnn resnet50 dinov2 (with no training run at all, the
+    demonstration victim: a fresh lenet, the DLG LeNet, on digits)"""
+    dataset: str | None = None
+    """the fresh victim's data (default digits): faces, digits, breast-cancer, photos, mnist, cifar10, cifar100,
+    hotdog or folder:PATH; trained victims use their own"""
     pretrained: bool = True  # a fresh resnet50/dinov2's weights; --no-pretrained for random ones offline
     indices: list[int] = field(default_factory=list)  # training-set indices to attack; default a seeded draw
     num_images: int = 4  # images in the seeded draw
     images: list[Path] = field(default_factory=list)  # the user's own image files instead of the dataset
     labels: list[int] = field(default_factory=list)  # their labels; default class 0 for every file
+    num_classes: int = 10  # classes of a fresh victim built for --images without a --dataset
     batch_sizes: Annotated[list[int], tyro.conf.arg(aliases=("--batch-size",))] = field(default_factory=lambda: [1])
-    mechanisms: list[str] = field(default_factory=list)  # empty: each victim's own (see the class docstring);
-    # the fresh demonstration victim gets DEFAULT_MECHANISMS
+    """images per shared update; one run per batch size, e.g. 1 2 4 8"""
+    mechanisms: list[str] = field(default_factory=list)
+    """what the client shares, name[:strength] (sweeps name:a,b,c): none dp-sgd[:EPS] regularized prune:P
+    quantize:BITS noise:SIGMA topk:K secagg:CLIENTS, for every victim; empty: each victim's own (a plain run
+    none and each gradient defense, a DP-SGD run dp-sgd at its own ε, a regularized run regularized), and the
+    whole default grid for the demonstration victim"""
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
-    # auto: every honest attack that applies to the victim (fc-readout, idlg, ig; fc-readout alone for a frozen
-    # backbone), each in its own run, and per batch the one whose reconstruction best explains the shared update
+    """auto, or any of fc-readout ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf. auto runs every honest
+    attack that applies to the victim (fc-readout, ig, and idlg on smooth networks; fc-readout alone on a
+    frozen backbone's head), each in its own run, and keeps per batch the one whose reconstruction best explains
+    the shared update"""
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
-    restarts: int = 1  # random initialisations per batch; the lowest gradient-matching loss is kept
+    restarts: int = 1  # random initialisations per batch (one batched optimisation); the best match is kept
     log_every: int = 10  # iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success (recognisable)
     threads: int = 1  # torch CPU threads: per-image attack ops are too small to gain from more
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when available, else cpu
-    image_size: int = 32  # side of photos and image folders: the CIFAR size DLG was shown on
+    seed: int = 0  # one seed for the image draw, the client's noise and the attacks' initialisations
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
+    image_size: int = 32  # side of photos and image folders for a fresh victim: the CIFAR size DLG was shown on
     data_root: Path = Path("data")  # where downloaded and image-folder datasets live
     download: bool = False  # the attack study reads data already there; train.py downloads
-    out: Path = Path("runs/attack")
+    out: Path = Path("runs/attack")  # one directory per run, and summary.csv / summary.md of every finished one
     force: bool = False  # redo runs that already finished
-    # feature inversion (fc-readout on a CNN or a frozen backbone, giavmp on a CNN)
-    inversion_steps: int = 1000  # Adam steps turning the features read off the FC layer into images
-    inversion_restarts: int = 8  # one sample on a CNN: restarts of the inversion from the last convolution's
-    # input (recovered exactly), run as one batch; the best third is averaged
-    inversion_gradient_weight: float = 0.1  # weight of the conv-gradient match (0: features only)
-    # relative to the feature term's pull; level with feature matching alone in our measurements, at 2-3x the cost
-    # malicious-server attacks (giavmp, rtf)
-    giavmp_per_sample: int = 4  # lone-neuron activations per auxiliary sample the malicious layer aims for
-    rtf_bins: int = 128  # imprint neurons K; with one statistic a sample is alone in its bin w.p. (1 - 1/K)^(B - 1)
-    rtf_measurements: int = 0  # statistics the K neurons are split among (0: the count best for each batch size)
-    # 0 simulates the readout for each count: 2-3 for B < K = 128, as peeling across statistics resolves shared bins
-    rtf_measurement: str = "random"  # the imprint's statistic h(x): random (unit direction) or brightness
-    rtf_thresholds: str = "gaussian"  # bins at the quantiles of a normal fit to h on aux data, or "empirical" ones
-    honest_epochs: int = 5  # giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning
-    # so the detector compares a trained model (~0.9 digits accuracy) with the poisoned one; trained victims keep theirs
+    inversion_steps: int = 1000
+    """feature inversion (fc-readout on a CNN or a frozen backbone, giavmp on a CNN): Adam steps turning the
+    features read off the FC layer into images"""
+    inversion_restarts: int = 8
+    """one sample on a CNN: restarts of the inversion from the last convolution's input (recovered exactly), run
+    as one batch; the best third is averaged"""
+    inversion_gradient_weight: float = 0.1
+    """weight of the conv-gradient match relative to the feature term's pull (0: features only); level with
+    feature matching alone in our measurements, at 2-3x the cost"""
+    giavmp_per_sample: int = 4  # GIAvMP: lone-neuron activations per auxiliary sample the malicious layer aims for
+    rtf_bins: int = 128  # RtF imprint neurons K; one statistic leaves a sample alone w.p. (1 - 1/K)^(B - 1)
+    rtf_measurements: int = 0
+    """RtF: statistics the K neurons are split among (0: for each batch size, the count whose simulated readout
+    recovers most: 2-3 for B < K = 128, as peeling across statistics resolves shared bins)"""
+    rtf_measurement: str = "random"  # RtF's first statistic h(x): random (unit direction) or brightness
+    rtf_thresholds: str = "gaussian"  # RtF bins at the quantiles of a normal fit to h on aux data, or empirical
+    honest_epochs: int = 5
+    """giavmp/rtf on a fresh victim: epochs of honest training on aux data before poisoning, so the detector
+    compares a trained model (~0.9 digits accuracy) with the poisoned one; trained victims keep theirs"""
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
 
@@ -189,10 +218,15 @@ class AttackConfig:
             parse_mechanisms(self.mechanisms)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UsageError(f"--batch-sizes {self.batch_sizes} must be positive integers, e.g. 1 2 4 8.")
+        if len(set(self.indices)) != len(self.indices):
+            repeated = sorted({i for i in self.indices if self.indices.count(i) > 1})
+            raise UsageError(f"--indices repeats {repeated}; give each training image once.")
         if self.images and self.indices:
             raise UsageError("give either --images (your own files) or --indices (dataset images), not both.")
         if self.labels and len(self.labels) != len(self.images):
             raise UsageError(f"--labels has {len(self.labels)} entries for {len(self.images)} --images; give one each.")
+        if self.num_classes < 2:
+            raise UsageError(f"--num-classes {self.num_classes} must be at least 2.")
         if self.num_images < 1:
             raise UsageError(f"--num-images {self.num_images} must be at least 1.")
         if self.iterations is not None and self.iterations < 1:
@@ -236,10 +270,33 @@ class AttackConfig:
 
 
 def parse(cls: type, args: list[str] | None = None):
-    """Build a config from the command line (defaults from the dataclass) and validate it."""
-    cfg = tyro.cli(cls, args=args, description=cls.__doc__)
+    """Build a config from the command line (defaults from the dataclass) and validate it: first what every
+    command shares (finite numbers, the seed, the device), then the class's own checks."""
+    cfg = tyro.cli(cls, args=args, description=inspect.cleandoc(cls.__doc__))
+    check_common(cfg)
     cfg.validate()
     return cfg
+
+
+def check_common(cfg) -> None:
+    """No option may be NaN or infinite (they train garbage that looks finished); a seed must be one numpy and
+    torch accept; a device must be one torch knows."""
+    for item in dataclasses.fields(cfg):
+        value = getattr(cfg, item.name)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            raise UsageError(
+                f"--{item.name.replace('_', '-')} {bad[0]} is not a finite number; give an ordinary one (default: {shown})."
+            )
+    seed = getattr(cfg, "seed", 0)
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed} must lie in [0, 2^32); e.g. 0, 1, 2 for repeated studies.")
+    device = getattr(cfg, "device", "auto")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise UsageError(f"--device '{device}' is unknown; use auto (cuda when there is one), cpu, cuda or cuda:N.")
 
 
 @dataclass
@@ -247,7 +304,8 @@ class AnalysisConfig:
     """The analysis: reads the finished runs under --runs and writes figures and report.md to --out."""
 
     runs: Path = Path("runs")  # holds train/ (from train.py) and attack/ (from gradient_attack.py)
-    out: Path = Path("static")  # figures and report.md; the README embeds them from here
+    out: Path = Path("runs/report")
+    """figures and report.md (the README's own figures are made with --out static)"""
     ssim_threshold: float = 0.5  # below this final SSIM an attack "stops working"; matches the attack's success_ssim
     dpi: int = 200  # print quality
     max_images: int = 8  # rows (images) shown per reconstruction grid; more make unreadable figures

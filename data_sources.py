@@ -7,6 +7,7 @@ read from `data/` and, for the torchvision ones, downloaded there when a network
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,13 @@ def _torchvision(name: str, cls_name: str) -> Callable[[DataOptions], DataSplit]
 
         cls = getattr(torchvision.datasets, cls_name)
         root = Path(opts.root) / name
+        existed = root.exists()
         try:
             train = cls(root, train=True, download=opts.download)
             test = cls(root, train=False, download=opts.download)
         except (RuntimeError, OSError) as err:
+            if not existed:  # a failed download leaves empty folders that would look like a dataset
+                shutil.rmtree(root, ignore_errors=True)
             raise UsageError(
                 f"dataset '{name}' is not in {root} and could not be downloaded ({err}). Run once with network "
                 f"access (`uv run train.py --dataset {name}` downloads it into {root}), or copy the torchvision "
@@ -157,14 +161,14 @@ def load_image_folder(root: Path, size: int, name: str) -> DataSplit:
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise UsageError(
-            f"image folder {root} has no {' or '.join(missing)}/ directory. Expected {root}/train/<class>/*.jpg "
+            f"image folder {root} has no {' or '.join(f'{m}/' for m in missing)} directory. Expected {root}/train/<class>/*.jpg "
             f"and {root}/test/<class>/*.jpg (for hot-dog: download the Kaggle 'hot-dog-not-hot-dog' set and unzip "
             "it so that data/hotdog/train/hot_dog/ exists)."
         )
     splits = []
     for part in ("train", "test"):
         folder = ImageFolder(str(root / part))
-        x = torch.stack([_resize(np.asarray(Image.open(p).convert("RGB")), size) for p, _ in folder.samples])
+        x = torch.stack([_resize(read_image(Path(p)), size) for p, _ in folder.samples])
         splits.append((x, torch.as_tensor(folder.targets, dtype=torch.long), folder.classes))
     (x_tr, y_tr, classes), (x_te, y_te, test_classes) = splits
     if classes != test_classes:
@@ -204,18 +208,40 @@ def load_dataset(name: str, opts: DataOptions | None = None) -> DataSplit:
     return DATASETS[name](opts)
 
 
+def read_image(path: Path) -> np.ndarray:
+    """An image file as an RGB array; one Pillow cannot read, or one so large it would exhaust memory (Pillow's
+    decompression-bomb guard, from about 179 million pixels), is a UsageError naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise UsageError(
+            f"{path} is too large to read safely ({err}); give an image under about 10000 x 10000."
+        ) from None
+    except (UnidentifiedImageError, OSError):
+        raise UsageError(f"{path} is not an image that Pillow can read; give PNG or JPEG files.") from None
+
+
+def image_channels(paths: list[Path]) -> int:
+    """1 if every file is a grey image (a grey mode, or RGB with equal channels), else 3."""
+    for path in map(Path, paths):
+        if path.is_file():
+            rgb = read_image(path).astype(np.int16)
+            if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+                return 3
+    return 1
+
+
 def load_image_files(paths: list[Path], shape: tuple[int, ...]) -> torch.Tensor:
     """The user's own image files, resized to a model's (C, H, W) input, as a batch in [0, 1]."""
     channels, height, _ = shape
     images = []
     for path in map(Path, paths):
+        if path.is_dir():
+            raise UsageError(f"--images {path} is a directory; give image files (e.g. {path}/*.png).")
         if not path.is_file():
             raise UsageError(f"image file {path} does not exist; give paths to PNG or JPEG files.")
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
-            raise UsageError(f"{path} is not an image that Pillow can read; give PNG or JPEG files.") from None
+        array = read_image(path)
         image = _resize(array, height)
         images.append(image.mean(0, keepdim=True) if channels == 1 else image)
     return torch.stack(images)

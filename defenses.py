@@ -209,7 +209,9 @@ MECHANISMS: dict[str, Mechanism] = {
         lambda m, x, y, s, setup, gen, o: regularized_gradients(m, x, y, setup.kappa), None, None, "no strength"
     ),
     "prune": Mechanism(_transform(prune), 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    "quantize": Mechanism(_transform(quantize), 4, lambda v: v >= 1 and _is_int(v), "an integer number of bits >= 1"),
+    "quantize": Mechanism(
+        _transform(quantize), 4, lambda v: 1 <= v <= 32 and _is_int(v), "an integer number of bits in [1, 32]"
+    ),
     "noise": Mechanism(_transform(add_noise, with_generator=True), 0.01, lambda v: v >= 0, "a std sigma >= 0"),
     "topk": Mechanism(_transform(top_k), 0.1, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "secagg": Mechanism(_secure_aggregation, 10, lambda v: v >= 2 and _is_int(v), "an integer number of clients >= 2"),
@@ -230,6 +232,10 @@ def parse_mechanisms(specs: list[str]) -> list[MechanismSpec]:
                 "(spec name[:strength], e.g. prune:0.2 or a sweep noise:1e-3,1e-2)."
             )
         mech = MECHANISMS[name]
+        if spec.endswith(":"):
+            raise UsageError(
+                f"'{spec}' ends in ':' with no strength; write {name}:VALUE ({mech.allowed}) or just '{name}'."
+            )
         if not strengths:
             parsed.append(MechanismSpec(name, None if mech.default is None else float(mech.default)))
             continue

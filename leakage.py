@@ -35,7 +35,7 @@ import utils
 from attacks import ATTACKS
 from attacks.malicious import detect_poisoning, honest_training
 from attacks.matching import matching_score
-from data_sources import DataOptions, DataSplit, load_dataset, load_image_files
+from data_sources import DataOptions, DataSplit, image_channels, load_dataset, load_image_files
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from evaluation import RunRecord, finished_reconstructions
 from models import FrozenBackbone, create_model, load_checkpoint
@@ -92,10 +92,11 @@ def training_runs(cfg: config.AttackConfig) -> list[Path]:
             runs += [Path(p) for p in sorted(glob.glob(pattern)) if _is_training_run(Path(p))]
             continue
         missing = [f for f in TRAIN_RUN_FILES if not (Path(pattern) / f).is_file()]
-        if missing:
+        if missing or not utils.run_is_done(Path(pattern)):
+            lack = f"it lacks {', '.join(missing)}" if missing else "its config.json or metrics.json is damaged"
             raise utils.UsageError(
-                f"--from-run {pattern} is not a finished train.py run: it lacks {', '.join(missing)}. Give a "
-                "directory such as runs/train/faces-cnn-none written by `uv run train.py`, or a glob (runs/train/*)."
+                f"--from-run {pattern} is not a finished train.py run: {lack}. Give a directory such as "
+                "runs/train/faces-cnn-none-s0 written by `uv run train.py`, or a glob (runs/train/*)."
             )
         runs.append(Path(pattern))
     if not runs:
@@ -104,7 +105,8 @@ def training_runs(cfg: config.AttackConfig) -> list[Path]:
 
 
 def _is_training_run(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in TRAIN_RUN_FILES)
+    """A finished train.py run whose record is whole (a damaged one is named on stderr and left out)."""
+    return path.is_dir() and all((path / f).is_file() for f in TRAIN_RUN_FILES) and utils.run_is_done(path)
 
 
 def load_data(cfg: config.AttackConfig, name: str, training: dict[str, Any]) -> DataSplit:
@@ -114,14 +116,29 @@ def load_data(cfg: config.AttackConfig, name: str, training: dict[str, Any]) -> 
 
 
 def fresh_victim(cfg: config.AttackConfig) -> tuple[Victim, DataSplit]:
-    """A freshly initialised model (--model, default the DLG LeNet) on --dataset (default digits)."""
-    model_name, dataset = cfg.model or config.DEMO_MODEL, cfg.dataset or config.DEMO_DATASET
+    """A freshly initialised model (--model, default the DLG LeNet) on --dataset (default digits), or, for
+    --images without a --dataset, on the files themselves: their channels (grey if every file is), --image-size
+    and --num-classes."""
+    model_name = cfg.model or config.DEMO_MODEL
     training = dataclasses.asdict(config.TrainConfig()) | {"seed": cfg.seed, "image_size": cfg.image_size}
-    split = load_data(cfg, dataset, training)
+    if cfg.images and cfg.dataset is None:
+        split, dataset = user_images_split(cfg), "user-images"
+    else:
+        dataset = cfg.dataset or config.DEMO_DATASET
+        split = load_data(cfg, dataset, training)
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, split.input_shape, split.num_classes, pretrained=cfg.pretrained)
     training["pretrained"] = cfg.pretrained
     return Victim(model_name, model_name, model, dataset, training, None, None, None), split
+
+
+def user_images_split(cfg: config.AttackConfig) -> DataSplit:
+    """The user's files as a dataset of their own (nothing besides them: no other clients, no auxiliary data)."""
+    shape = (image_channels(cfg.images), cfg.image_size, cfg.image_size)
+    images = load_image_files(cfg.images, shape)
+    labels = torch.tensor(cfg.labels or [0] * len(images))
+    classes = [str(c) for c in range(cfg.num_classes)]
+    return DataSplit("user-images", images, labels, images[:0], labels[:0], classes)
 
 
 def trained_victim(cfg: config.AttackConfig, run_dir: Path) -> tuple[Victim, DataSplit]:
@@ -184,8 +201,14 @@ def private_data(cfg: config.AttackConfig, split: DataSplit, count: int) -> Priv
         bad = [y for y in labels.tolist() if not 0 <= y < split.num_classes]
         if bad:
             raise utils.UsageError(
-                f"--labels {bad} out of range; '{split.name}' has classes 0..{split.num_classes - 1}."
+                f"--labels {bad} out of range; the victim on '{split.name}' has classes 0..{split.num_classes - 1}"
+                " (--num-classes sets them for a fresh victim on your images)."
             )
+        kind = "grey" if split.input_shape[0] == 1 else "RGB"
+        size = "x".join(map(str, split.input_shape[1:]))
+        print(
+            f"note: your {len(images)} image(s) are attacked as {kind} {size} images, the victim's input on '{split.name}'."
+        )
         return PrivateData(images, labels, {"images": [str(p) for p in cfg.images]}, [])
     n = len(split.x_train)
     if cfg.indices:
@@ -310,11 +333,14 @@ class Cell:
     data: PrivateData
     attacks: list[str]  # run in this order; `auto` last, choosing among `candidates`
     candidates: list[str]
+    setup: ClientSetup  # how the client trains under this mechanism (DP noise found while planning)
+    privacy: Privacy
     runs: dict[str, tuple[str, dict[str, Any]]]  # attack -> run name and config.json
 
 
 def run_name(victim: Victim, dataset: str, attack: str, mech: MechanismSpec, batch_size: int, seed: int) -> str:
-    return f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}-s{seed}"
+    """One filesystem-safe path component (a folder:PATH dataset's path becomes part of a name, not a path)."""
+    return utils.safe_name(f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}-s{seed}")
 
 
 def default_iterations(attack: str, input_shape: tuple[int, ...]) -> int:
@@ -371,11 +397,12 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
     ]
     cells = []
     for mech in mechanisms:
+        setup, privacy = client_setup(victim, mech, len(split.x_train), cfg.seed)  # a budget too small stops here
         for batch_size in cfg.batch_sizes:
             subset = PrivateData(data.images[: counts[batch_size]], data.labels[: counts[batch_size]],
                                  {k: v[: counts[batch_size]] for k, v in data.source.items()}, data.exclude)  # fmt: skip
             for group in filter(None, groups):
-                cell = Cell(victim, split, dataset, mech, batch_size, subset, group, candidates, {})
+                cell = Cell(victim, split, dataset, mech, batch_size, subset, group, candidates, setup, privacy, {})
                 for attack in group:
                     name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed)
                     cell.runs[attack] = name, run_config(cfg, cell, attack, name)
@@ -417,7 +444,6 @@ def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers
         return
     model, detection = served_model(cfg, cell, servers)
     model = model.to(device)
-    setup, privacy = client_setup(cell.victim, cell.mech, len(cell.split.x_train), cfg.seed)
     records = {a: RunRecord() for a in pending}
     reused = {
         a: finished_reconstructions(cfg.out / cell.runs[a][0], cell.batch_size)
@@ -428,7 +454,7 @@ def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers
     for batch in range(len(cell.data.images) // cell.batch_size):
         part = slice(batch * cell.batch_size, (batch + 1) * cell.batch_size)
         originals, labels = cell.data.images[part], cell.data.labels[part]
-        batch_setup = dataclasses.replace(setup, seed=cfg.seed + batch)  # fresh noise for every batch
+        batch_setup = dataclasses.replace(cell.setup, seed=cfg.seed + batch)  # fresh noise for every batch
         clients = int(cell.mech.strength) if cell.mech.name == "secagg" else 1
         others = (
             other_clients(cell.split, cell.data.exclude, clients, cell.batch_size, cfg.seed + batch)
@@ -465,7 +491,7 @@ def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers
                 records[a].seconds if a in records else _seconds(cfg.out / cell.runs[a][0]) for a in cell.candidates
             )
             extra = {"chosen": chosen}
-        row = record.summary_row(cfg, run_cfg, dataclasses.asdict(privacy)) | {
+        row = record.summary_row(cfg, run_cfg, dataclasses.asdict(cell.privacy)) | {
             k: detection.get(k) for k in DETECTION_COLUMNS
         }
         record.write(cfg.out / name, cell.data.images, cell.data.labels, row, extra)
@@ -487,21 +513,11 @@ def victims(cfg: config.AttackConfig) -> list[tuple[Victim, DataSplit]]:
     if not runs:
         print(
             f"note: no finished training run in {cfg.train_runs}/ (run `uv run train.py` first to attack your own "
-            f"models); attacking the demonstration victim instead: a fresh {config.DEMO_MODEL} on {config.DEMO_DATASET}."
+            f"models); attacking the demonstration victim instead: a fresh {config.DEMO_MODEL} on "
+            f"{'your images' if cfg.images else config.DEMO_DATASET}."
         )
         return [fresh_victim(cfg)]
     return [trained_victim(cfg, run) for run in runs]
-
-
-def summary_rows(out: Path) -> list[dict[str, Any]]:
-    """One row per finished run under `out`, read from its own metrics.json (the source of truth): a lost or
-    damaged summary heals on the next study."""
-    rows = []
-    for run_dir in sorted(out.glob("*")):
-        if run_dir.is_dir() and utils.run_is_done(run_dir):
-            metrics = utils.read_json(run_dir / "metrics.json")
-            rows.append({k: metrics.get(k) for k in SUMMARY_COLUMNS})
-    return rows
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -517,18 +533,21 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_study(cfg: config.AttackConfig) -> None:
-    """Plan every victim's cells (all checks first), run what is unfinished, then rebuild the summaries."""
+    """Plan every victim's cells (all checks first, DP noise included), run what is unfinished under a lock on
+    the output directory, then rebuild the summaries from the run directories."""
+    utils.check_output(cfg.out)
     torch.set_num_threads(cfg.threads)
     device = utils.pick_device(cfg.device)
     if cfg.images and not cfg.labels:
         print("note: --images without --labels: every file is labelled class 0.")
     cells = [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
-    servers: dict = {}
-    for cell in tqdm(cells, desc="leakage study", unit="cell"):
-        run_cell(cfg, cell, device, servers)
-    rows = summary_rows(cfg.out)
-    utils.write_csv(cfg.out / "summary.csv", rows)
-    utils.atomic_write_text(cfg.out / "summary.md", results_table(rows))
+    with utils.study_lock(cfg.out):
+        servers: dict = {}
+        for cell in tqdm(cells, desc="leakage study", unit="cell"):
+            run_cell(cfg, cell, device, servers)
+        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, results_table)
     names = {name for cell in cells for name, _ in cell.runs.values()}
     print(results_table([r for r in rows if r["run"] in names]))
-    print(f"{len(names)} runs in {cfg.out}/; every finished run has a row in {cfg.out / 'summary.csv'} and summary.md.")
+    print(
+        f"{len(names)} runs in {cfg.out}/; {cfg.out / 'summary.csv'} and summary.md list all {len(rows)} finished there."
+    )

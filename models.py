@@ -7,15 +7,17 @@ attacks and metrics never see normalised pixels.
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from utils import UsageError
+from utils import UsageError, atomic_write_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,15 +127,30 @@ def _weights_error(model: str, source: str, how: str, err: Exception) -> UsageEr
     )
 
 
+def require_weights(repo: str, model: str, how: str) -> None:
+    """Fail at once, not after a minute of hub retries, when pretrained weights are neither in the local
+    Hugging Face cache nor downloadable (no network): one quick connection attempt decides."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as err:
+        raise _weights_error(model, repo, how, err) from None
+
+
 def resnet50(in_shape: tuple[int, ...], num_classes: int, pretrained: bool = True) -> FrozenBackbone:
     """timm's ResNet50 (ImageNet weights `resnet50.a1_in1k`) as a frozen 2048-d feature extractor."""
     import timm
 
     source = "timm resnet50.a1_in1k"
+    how = "uv run python -c \"import timm; timm.create_model('resnet50.a1_in1k', pretrained=True)\""
+    if pretrained:
+        require_weights("timm/resnet50.a1_in1k", "resnet50", how)
     try:
         backbone = timm.create_model("resnet50.a1_in1k", pretrained=pretrained, num_classes=0)
     except Exception as err:  # hub errors come in many types; all mean "weights unavailable"
-        how = "uv run python -c \"import timm; timm.create_model('resnet50.a1_in1k', pretrained=True)\""
         raise _weights_error("resnet50", source, how, err) from None
     return FrozenBackbone(backbone, backbone.num_features, num_classes, image_size=224)
 
@@ -150,13 +167,14 @@ def dinov2(in_shape: tuple[int, ...], num_classes: int, pretrained: bool = True)
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     if pretrained:
+        how = (
+            'uv run python -c "from transformers import Dinov2WithRegistersModel; '
+            f"Dinov2WithRegistersModel.from_pretrained('{DINOV2_NAME}')\""
+        )
+        require_weights(DINOV2_NAME, "dinov2", how)
         try:
             backbone = Dinov2WithRegistersModel.from_pretrained(DINOV2_NAME)
         except Exception as err:  # hub errors come in many types; all mean "weights unavailable"
-            how = (
-                'uv run python -c "from transformers import Dinov2WithRegistersModel; '
-                f"Dinov2WithRegistersModel.from_pretrained('{DINOV2_NAME}')\""
-            )
             raise _weights_error("dinov2", f"transformers {DINOV2_NAME}", how, err) from None
     else:
         config = Dinov2WithRegistersConfig(
@@ -184,6 +202,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dinov2": dinov2,
 }
 IMAGE_ONLY = {"lenet", "cnn", "cnn-wide", "resnet50", "dinov2"}
+PRETRAINED = {"resnet50", "dinov2"}  # the models whose weights come from the hub (--no-pretrained: random ones)
 
 
 def check_model_name(name: str) -> None:
@@ -212,21 +231,22 @@ def compute_features(model: FrozenBackbone, x: torch.Tensor, device: torch.devic
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Save trainable weights as safetensors (never a pickled module); frozen backbones are rebuilt from
-    their pretrained weights on load, so they are not copied into every run."""
+    """Save trainable weights as safetensors (never a pickled module), atomically; frozen backbones are rebuilt
+    from their pretrained weights on load, so they are not copied into every run."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if isinstance(model, FrozenBackbone):
         state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(Path(path), save(state))
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     """Load weights written by save_checkpoint into a freshly built model of the same architecture."""
     try:
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:  # truncated, garbled or unreadable
+        raise UsageError(f"checkpoint {path} is damaged ({err}); retrain that run (train.py --force).") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # same names, other shapes: a checkpoint of another dataset or width
         raise UsageError(f"checkpoint {path} does not fit the model: {err}") from None
     missing = [k for k in missing if not k.startswith("backbone.")]

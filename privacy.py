@@ -14,6 +14,8 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from utils import UsageError
+
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountants; "prv" is PrivacyEngine's default
 PRV_MAX_EPSILON = 100.0  # above this the prv accountant's search overflows and runs for minutes (ε = 200: ~3 min)
@@ -23,16 +25,23 @@ def noise_multiplier_for(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> float:
     """The smallest noise multiplier whose ε after `steps` Poisson-sampled steps is at most the target:
-    the same search Opacus' make_private_with_epsilon does, so training and attacks agree."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+    the same search Opacus' make_private_with_epsilon does, so training and attacks agree. A budget no noise
+    reaches is a UsageError, found before any run trains."""
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
         )
-    )
+    except ValueError as err:
+        raise UsageError(
+            f"no noise multiplier reaches ε = {target_epsilon:g} at δ = {delta:g} over {steps} steps at sampling "
+            f"rate {sample_rate:.3g} (Opacus: {err}); give a larger ε (budgets from about 0.1 up work here)."
+        ) from None
 
 
 def poisson_schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -68,25 +77,22 @@ def make_private(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     *,
-    target_epsilon: float,
-    delta: float,
-    epochs: int,
+    noise_multiplier: float,
     max_grad_norm: float,
     accountant: str,
     seed: int,
 ) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
-    """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the
-    noise multiplier the accountant gives for target_epsilon at delta over `epochs`."""
+    """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the noise
+    multiplier that noise_multiplier_for found for the target ε over the planned steps (what Opacus'
+    make_private_with_epsilon does, with the search done once, before any run trains)."""
     engine = PrivacyEngine(accountant=accountant)
     device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
     generator = torch.Generator(device=device).manual_seed(seed)
-    module, optimizer, loader = engine.make_private_with_epsilon(
+    module, optimizer, loader = engine.make_private(
         module=module,
         optimizer=optimizer,
         data_loader=loader,
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        epochs=epochs,
+        noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=generator,

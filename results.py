@@ -24,6 +24,7 @@ from utils import UsageError, read_json
 
 TRAIN_KEYS = ["run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "accuracy", "precision", "recall"]
 TRAIN_KEYS += ["specificity", "f1", "mcc", "seed"]
+TRAIN_EXTRAS = ["pretrained"]  # newer runs' columns; empty for older ones
 ATTACK_KEYS = ["run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon"]
 ATTACK_KEYS += ["batch_size", "num_images", "loss", "mse", "psnr", "ssim", "seed"]
 ATTACK_EXTRAS = ["model", "release_epsilon", "noise_multiplier"]  # newer runs' columns; empty for older ones
@@ -85,7 +86,22 @@ def _read_metrics(run_dir: Path, keys: list[str], problems: list[str]) -> dict |
     if missing:
         problems.append(f"{path} lacks {', '.join(missing)}; the run is skipped.")
         return None
+    wrong = [k for k in keys if k in NUMERIC and not _is_number(metrics[k])]
+    if wrong:
+        problems.append(
+            f"{path}: {', '.join(f'{k} = {metrics[k]!r}' for k in wrong)} is not a number; the run is skipped."
+        )
+        return None
     return metrics
+
+
+NUMERIC = {"target_epsilon", "epsilon", "accuracy", "precision", "recall", "specificity", "f1", "mcc", "seed"}
+NUMERIC |= {"strength", "batch_size", "num_images", "loss", "mse", "psnr", "ssim", "label_correct"}
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number or null (missing): what every numeric field of a run's metrics must be."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, str))
 
 
 def _read_attack_run(run_dir: Path, problems: list[str]) -> dict | None:
@@ -94,19 +110,33 @@ def _read_attack_run(run_dir: Path, problems: list[str]) -> dict | None:
     if metrics is None:
         return None
     per_image = metrics["per_image"]
-    if not isinstance(per_image, list) or not all(isinstance(r, dict) and set(IMAGE_KEYS) <= set(r) for r in per_image):
-        problems.append(f"{run_dir / 'metrics.json'}: per_image must list {{{', '.join(IMAGE_KEYS)}}}; skipped.")
+    whole = isinstance(per_image, list) and all(isinstance(r, dict) and set(IMAGE_KEYS) <= set(r) for r in per_image)
+    if not whole or not all(_is_number(r[k]) for r in per_image for k in IMAGE_KEYS):
+        problems.append(
+            f"{run_dir / 'metrics.json'}: per_image must list {{{', '.join(IMAGE_KEYS)}}} as numbers; skipped."
+        )
         return None
     snapshots = run_dir / "snapshots.npz"
     try:
         with np.load(snapshots) as npz:
             lacking = [k for k in SNAPSHOT_KEYS if k not in npz.files]
-        trouble = f"lacks {', '.join(lacking)}" if lacking else ""
+            trouble = f"lacks {', '.join(lacking)}" if lacking else _snapshot_trouble(npz)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         trouble = f"is unreadable ({err})"
     if trouble:
         problems.append(f"{snapshots} {trouble}; the reconstruction figures leave this run out.")
     return metrics | {"dir": run_dir, "has_snapshots": not trouble}
+
+
+def _snapshot_trouble(npz: Any) -> str:
+    """What is wrong with a snapshots.npz whose arrays are all there ('' when nothing): numbers of the shapes the
+    figures draw (iterations (T,), snapshots (T, N, *shape), originals (N, *shape))."""
+    iterations, snapshots, originals = (npz[k] for k in SNAPSHOT_KEYS)
+    if not all(np.issubdtype(a.dtype, np.number) for a in (iterations, snapshots, originals)):
+        return "holds arrays that are not numbers"
+    if iterations.ndim != 1 or snapshots.shape[:1] != iterations.shape or snapshots.shape[2:] != originals.shape[1:]:
+        return f"has arrays of shapes that do not fit ({iterations.shape}, {snapshots.shape}, {originals.shape})"
+    return ""
 
 
 def _read_trajectory(run: str, run_dir: Path, problems: list[str]) -> pd.DataFrame | None:
@@ -140,7 +170,7 @@ def load_study(runs: Path) -> Study:
     trajectories = [t for m in attack if (t := _read_trajectory(m["run"], m["dir"], problems)) is not None]
     numeric = ["target_epsilon", "epsilon", "strength", "batch_size", "num_images", "mse", "psnr", "ssim"]
     numeric += ["release_epsilon", "noise_multiplier"]
-    train_frame = pd.DataFrame(train, columns=TRAIN_KEYS)
+    train_frame = pd.DataFrame(train, columns=[*TRAIN_KEYS, *TRAIN_EXTRAS])
     attack_frame = pd.DataFrame(attack, columns=[*ATTACK_KEYS, *ATTACK_EXTRAS, "dir", "has_snapshots"])
     # the victim's architecture: recorded by newer runs; a train.py run's model, or the victim's name, before
     architectures = dict(zip(train_frame.run, train_frame.model, strict=True))
@@ -267,25 +297,33 @@ def mean_std(values: Iterable[float | None], digits: int = 3) -> str:
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
+def model_title(row: Mapping[str, Any]) -> str:
+    """A model's name in the benchmark; a backbone built without its pretrained weights says so."""
+    model, pretrained = row["model"], row.get("pretrained")
+    if str(pretrained) in ("False", "false", "0"):  # summary.csv gives strings, a Study's frame booleans
+        return f"{model} with random weights (no pretrained weights; head only)"
+    return MODEL_TITLES.get(model, model)
+
+
 def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """The classification benchmark in Markdown, one renderer for train.py's summary.md and the report, so the
     two never drift apart. `rows` are summary rows (summary.csv dicts of strings, or a Study's train records).
 
-    One block per dataset and model, in the order the rows first name them; in each, Traditional Training (ε ∞),
+    One block per dataset and model (a backbone with random weights apart), in the order the rows first name them; in each, Traditional Training (ε ∞),
     DP-SGD from the smallest target ε up, then Explicit Regularization (no formal ε: '--'). Rows of the same
     setting are seeds: several give 'mean ± std' and a Seeds column, one gives plain numbers (so a one-seed
     study prints the table the README shows). ε spent is the accountant's, as each run recorded it."""
     rank = {p: i for i, p in enumerate(PRIVACY_ORDER)}
     blocks: dict[tuple[str, str], dict[tuple[str, float | None], list[Mapping[str, Any]]]] = {}
     for row in rows:
-        block = blocks.setdefault((row["dataset"], row["model"]), {})
+        block = blocks.setdefault((row["dataset"], model_title(row)), {})
         block.setdefault((row["privacy"], _number(row["target_epsilon"])), []).append(row)
     seeded = any(len(runs) > 1 for block in blocks.values() for runs in block.values())
     header = ["Model", "ε", "Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC", "ε spent"]
     header += ["Seeds"] if seeded else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for (dataset, model), block in blocks.items():
-        lines.append(f"| **{MODEL_TITLES.get(model, model)} on {dataset}** " + "|" * len(header))
+    for (dataset, title), block in blocks.items():
+        lines.append(f"| **{title} on {dataset}** " + "|" * len(header))
         for privacy, target in sorted(block, key=lambda s: (rank.get(s[0], len(rank)), s[0], s[1] or 0.0)):
             runs = block[privacy, target]
             target_cell = "∞" if privacy == "none" else "--" if target is None else f"{target:g}"

@@ -31,14 +31,21 @@ import config
 import utils
 from data_sources import DataOptions, DataSplit, load_dataset
 from metrics import classification_metrics
-from models import FrozenBackbone, compute_features, create_model, save_checkpoint, trainable_module
-from privacy import WeightNoiseRegularizer, make_private
+from models import (
+    PRETRAINED,
+    FrozenBackbone,
+    compute_features,
+    create_model,
+    save_checkpoint,
+    trainable_module,
+)
+from privacy import WeightNoiseRegularizer, make_private, noise_multiplier_for, poisson_schedule
 from results import benchmark_table
 
 SUMMARY_COLUMNS = [
     "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
     "max_grad_norm", "sample_rate", "steps", "epochs", "accuracy", "precision", "recall", "specificity",
-    "f1", "mcc", "train_seconds", "samples_per_second", "seed",
+    "f1", "mcc", "train_seconds", "samples_per_second", "seed", "pretrained",
 ]  # fmt: skip
 # Opacus' advice for production runs and a PyTorch note on its backward hooks: noise, not news, on every run.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -58,6 +65,10 @@ NOT_RESULT_FIELDS = {
 }
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss: the run is recorded as failed, never as finished."""
+
+
 @dataclass
 class Run:
     """One cell of the study grid."""
@@ -66,17 +77,25 @@ class Run:
     model: str
     privacy: str  # none | dp-sgd | regularized
     target_epsilon: float | None = None
+    noise_multiplier: float | None = None  # dp-sgd: the accountant's z for the target, found before any run
 
 
-def study_runs(cfg: config.TrainConfig, dataset: str) -> list[Run]:
-    """The grid models x privacy modes (x ε for dp-sgd), in the order the table shows them."""
+def study_runs(cfg: config.TrainConfig, dataset: str, num_train: int) -> list[Run]:
+    """The grid models x privacy modes (x ε for dp-sgd), in the order the table shows them. Run names carry
+    the seed, and `-random` for a backbone built without its pretrained weights, so no two settings share a
+    directory. Every DP-SGD run's noise multiplier is found here, so a budget no noise reaches stops the
+    study before the first run trains."""
+    rate, steps = poisson_schedule(num_train, cfg.batch_size, cfg.epochs)
     runs = []
     for model in cfg.models:
+        stem = utils.safe_name(f"{dataset}-{model}" + ("-random" if model in PRETRAINED and not cfg.pretrained else ""))
         for mode in cfg.privacy:
-            if mode == "dp-sgd":
-                runs += [Run(f"{dataset}-{model}-dp-sgd-eps{eps:g}", model, mode, eps) for eps in cfg.epsilons]
-            else:
-                runs.append(Run(f"{dataset}-{model}-{mode}", model, mode))
+            if mode != "dp-sgd":
+                runs.append(Run(f"{stem}-{mode}-s{cfg.seed}", model, mode))
+                continue
+            for eps in cfg.epsilons:
+                z = noise_multiplier_for(eps, cfg.delta, rate, steps, cfg.accountant)
+                runs.append(Run(f"{stem}-dp-sgd-eps{eps:g}-s{cfg.seed}", model, mode, eps, z))
     return runs
 
 
@@ -126,8 +145,8 @@ def fit(
     engine, regularizer = None, None
     if run.privacy == "dp-sgd":
         engine, module, optimizer, loader = make_private(
-            module, optimizer, loader, target_epsilon=run.target_epsilon, delta=cfg.delta, epochs=cfg.epochs,
-            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, seed=cfg.seed,
+            module, optimizer, loader, noise_multiplier=run.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant, seed=cfg.seed,
         )  # fmt: skip
     elif run.privacy == "regularized":
         regularizer = WeightNoiseRegularizer(module, kappa=(cfg.lr * cfg.reg_sigma) ** 2)
@@ -145,6 +164,8 @@ def fit(
                 logits = module(x)
                 loss = F.cross_entropy(logits, y)
                 objective = (loss + regularizer.penalty()) if regularizer else loss
+                if not torch.isfinite(objective):
+                    raise Diverged(f"the training loss became {objective.item()} in epoch {epoch}, step {steps + 1}")
                 objective.backward()
                 optimizer.step()
                 steps += 1
@@ -161,7 +182,8 @@ def fit(
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{test_acc:.3f}", eps=history[-1]["epsilon"] or "-")
     except KeyboardInterrupt:
         if engine:
-            print(f"\n{run.name} stopped after {steps} steps: ε spent so far = {epsilon():.3f} (δ = {cfg.delta}).")
+            with utils.shielded_from_interrupts():  # a second Ctrl-C must not swallow what the run spent
+                print(f"\n{run.name} stopped after {steps} steps: ε spent so far = {epsilon():.3f} (δ = {cfg.delta}).")
         raise
     finally:
         bar.close()
@@ -178,6 +200,7 @@ def fit(
         "steps": steps, "epochs": cfg.epochs, **scores, "train_seconds": train_seconds,
         "samples_per_second": samples / train_seconds, "seed": cfg.seed,
         "kappa": (cfg.lr * cfg.reg_sigma) ** 2 if regularizer else None, "accountant": cfg.accountant if dp else None,
+        "pretrained": cfg.pretrained if run.model in PRETRAINED else None,
     }  # fmt: skip
     return metrics
 
@@ -208,12 +231,9 @@ def head_inputs(
     return features, nn.Identity(), time.perf_counter() - start
 
 
-def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: metrics.get(k) for k in SUMMARY_COLUMNS}
-
-
 def main(args: list[str] | None = None) -> None:
     cfg = config.parse(config.TrainConfig, args)
+    utils.check_output(cfg.out)
     device = utils.pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,39 +242,58 @@ def main(args: list[str] | None = None) -> None:
     if len(data.y_test) == 0:
         raise utils.UsageError(f"dataset '{cfg.dataset}' has no test split (it is meant for attacks); train on faces.")
     cfg.validate_data(len(data.y_train))
-    utils.seed_everything(cfg.seed)
-    templates = {name: create_model(name, data.input_shape, data.num_classes, cfg.pretrained) for name in cfg.models}
-    runs = study_runs(cfg, data.name)
+    runs = study_runs(cfg, data.name, len(data.y_train))
     for run in runs:  # every check before any training
         run_dir = cfg.out / run.name
         if utils.run_is_done(run_dir) and not cfg.force:
             utils.check_finished_run(run_dir, run_config(cfg, run), NOT_RESULT_FIELDS)
+    utils.seed_everything(cfg.seed)
+    templates = {name: create_model(name, data.input_shape, data.num_classes, cfg.pretrained) for name in cfg.models}
 
-    summary = cfg.out / "summary.csv"
-    inputs: dict[str, tuple] = {}
-    for run in runs:
-        run_dir = cfg.out / run.name
-        if utils.run_is_done(run_dir) and not cfg.force:
-            print(f"{run.name}: finished already, skipped (--force redoes it)")
-            utils.upsert_summary(summary, summary_row(utils.read_json(run_dir / "metrics.json")))
-            continue
-        template = templates[run.model]
-        if run.model not in inputs:
-            inputs[run.model] = head_inputs(cfg, template, data, device)
-        split, prepare, feature_seconds = inputs[run.model]
-        utils.write_json(run_dir / "config.json", run_config(cfg, run))
-        model = fresh_model(template)
+    with utils.study_lock(cfg.out):
+        inputs: dict[str, tuple] = {}  # per model: what its trainable part trains on (the feature cache)
+        failed = [run.name for run in runs if not train_run(cfg, run, templates[run.model], data, device, inputs)]
+        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, benchmark_table)
+    names = {run.name for run in runs}
+    print("\n" + benchmark_table([r for r in rows if r["run"] in names]))
+    print(
+        f"{len(runs)} runs in {cfg.out}/; {cfg.out / 'summary.csv'} and summary.md list all {len(rows)} finished there."
+    )
+    if failed:
+        raise utils.UsageError(
+            f"{len(failed)} run(s) failed, their training loss diverged: {', '.join(failed)} (each directory holds "
+            "failed.json). Lower --lr (or, under DP-SGD, --max-grad-norm) and run the same command again."
+        )
+
+
+def train_run(
+    cfg: config.TrainConfig, run: Run, template: nn.Module, data: DataSplit, device: torch.device, inputs: dict
+) -> bool:
+    """One run of the grid, unless it finished already: config.json, the training, model.safetensors and
+    metrics.json last. A diverged run writes failed.json instead of metrics.json. False when it failed.
+    `inputs` caches, per model, what its trainable part trains on (head_inputs)."""
+    run_dir = cfg.out / run.name
+    if utils.run_is_done(run_dir) and not cfg.force:
+        print(f"{run.name}: finished already, skipped (--force redoes it)")
+        return True
+    if run.model not in inputs:
+        inputs[run.model] = head_inputs(cfg, template, data, device)
+    split, prepare, feature_seconds = inputs[run.model]
+    utils.write_json(run_dir / "config.json", run_config(cfg, run))
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    model = fresh_model(template)
+    try:
         metrics = fit(cfg, run, trainable_module(model), prepare, split, device, run_dir / "history.csv")
-        save_checkpoint(model, run_dir / "model.safetensors")
-        metrics["feature_seconds"] = feature_seconds
-        utils.upsert_summary(summary, summary_row(metrics))
-        utils.write_json(run_dir / "metrics.json", metrics)
-        eps = f", ε spent {metrics['epsilon']:.2f}" if metrics["epsilon"] is not None else ""
-        print(f"{run.name}: accuracy {metrics['accuracy']:.3f}, MCC {metrics['mcc']:.3f}{eps}")
-
-    table = benchmark_table(utils.read_csv(summary))
-    utils.atomic_write_text(cfg.out / "summary.md", table)
-    print("\n" + table)
+    except Diverged as err:
+        utils.write_json(run_dir / "failed.json", {"run": run.name, "reason": str(err)})
+        print(f"{run.name}: FAILED, {err}")
+        return False
+    save_checkpoint(model, run_dir / "model.safetensors")
+    metrics["feature_seconds"] = feature_seconds
+    utils.write_json(run_dir / "metrics.json", metrics)
+    eps = f", ε spent {metrics['epsilon']:.2f}" if metrics["epsilon"] is not None else ""
+    print(f"{run.name}: accuracy {metrics['accuracy']:.3f}, MCC {metrics['mcc']:.3f}{eps}")
+    return True
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@ heavy at the top (torch loads inside the two functions that need it), so `--help
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
 import random
+import re
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +30,19 @@ class UsageError(Exception):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point, turning UsageError (and Ctrl-C) into a short message instead of a traceback."""
+    """Run an entry point, turning UsageError (and Ctrl-C) into a short message instead of a traceback. A full
+    disk is a UsageError too: the files written so far are whole (atomic writes), the run in progress is not
+    marked finished, and the same command resumes once there is space."""
     try:
         main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({err.filename or 'writing results'}): finished runs are kept whole; free "
+              "some space and re-run the same command to resume.", file=sys.stderr)  # fmt: skip
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; re-run the same command to resume.", file=sys.stderr)
@@ -60,6 +73,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets under the user's umask (mkstemp's own 0600 would hide results from
+    the user's group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
@@ -68,6 +89,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,17 +136,44 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def upsert_summary(path: Path, row: dict[str, Any], key: str = "run") -> None:
-    """Add one run's row to a study summary, replacing an older row of the same run."""
-    path = Path(path)
-    rows = [r for r in read_csv(path) if r.get(key) != str(row[key])] if path.exists() else []
-    rows.append(row)
-    write_csv(path, rows)
+_REPORTED: set[Path] = set()  # damaged runs already reported, so each is named once
+
+
+def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's metrics: its metrics.json (written last) and config.json, both whole JSON objects.
+    A damaged run (a truncated, garbled or deleted file) is named once on stderr and counts as unfinished,
+    so the study redoes it instead of stopping or trusting it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():
+        return None
+    try:
+        metrics, config = read_json(run_dir / "metrics.json"), read_json(run_dir / "config.json")
+        if not isinstance(metrics, dict) or not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if run_dir not in _REPORTED:
+            _REPORTED.add(run_dir)
+            print(f"note: {run_dir} is damaged ({type(err).__name__}: {err}); it is redone.", file=sys.stderr)
+        return None
+    return metrics
 
 
 def run_is_done(run_dir: Path) -> bool:
-    """A run is finished once its final metrics exist (they are written last)."""
-    return (Path(run_dir) / "metrics.json").exists()
+    """A run is finished once its final metrics exist (they are written last) and are whole."""
+    return finished_metrics(run_dir) is not None
+
+
+def write_summary(out: Path, columns: list[str], table: Callable[[list[dict[str, Any]]], str]) -> list[dict]:
+    """summary.csv (one row per finished run, `columns` of its metrics.json) and summary.md (`table` of the
+    same rows), rebuilt from the run directories, the source of truth: a lost or damaged summary heals here."""
+    rows = []
+    for run_dir in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+        metrics = finished_metrics(run_dir) if run_dir.is_dir() else None
+        if metrics is not None:
+            rows.append({k: metrics.get(k) for k in columns})
+    write_csv(Path(out) / "summary.csv", rows)
+    atomic_write_text(Path(out) / "summary.md", table(rows))
+    return rows
 
 
 def check_finished_run(run_dir: Path, run_cfg: dict[str, Any], not_result_fields: set[str]) -> None:
@@ -138,6 +187,57 @@ def check_finished_run(run_dir: Path, run_cfg: dict[str, Any], not_result_fields
             f"run {run_dir} already finished with other settings ({diffs}). Pass --force to redo it, or "
             "--out DIR to keep both studies apart."
         )
+
+
+def check_output(path: Path, option: str = "--out") -> None:
+    """Before any work: `path` must be, or be creatable as, a directory the user can write to. Nothing is
+    created here (a command stopped by bad input leaves no trace)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a directory; give a directory (it is created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"{option} {path}: {existing} is a file, so no directory can be made there; give another path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable for you; give a directory you can write to.")
+
+
+@contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold `out`/.lock for the whole study: a second study on the same directory stops at once, instead of
+    duplicating every run and racing on the summary. The lock dies with the process (fcntl)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another study is writing to {out} (it holds {Path(out) / '.lock'}); wait for it to finish, or give "
+                "this one another --out."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def shielded_from_interrupts() -> Iterator[None]:
+    """Ignore Ctrl-C for a moment (reporting what an interrupted run spent), so a second one does not lose it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def safe_name(text: str) -> str:
+    """One filesystem-safe path component: a dataset such as folder:/data/x must not make nested run names."""
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("_.") or "_"
 
 
 def format_number(value: Any, digits: int = 3) -> str:

@@ -59,9 +59,9 @@ def trained_cnn(root: Path, cfg: BenchConfig) -> list[list]:
     train.main(["--out", str(root / "train")] + (["--epochs", "2"] if cfg.quick else []))
     steps = ["--iterations", "100", "--inversion-steps", "30"] if cfg.quick else []
     common = ["--num-images", str(cfg.images), *steps]
-    attack(root / "trained", "--from-run", str(root / "train" / "faces-cnn-none"), "--mechanisms", "none", *common)
-    runs = [str(root / "train" / f"faces-cnn-{run}") for run in ("dp-sgd-eps8", "dp-sgd-eps25", "dp-sgd-eps50")]
-    rows = attack(root / "trained", "--from-run", *runs, str(root / "train" / "faces-cnn-regularized"), *common)
+    attack(root / "trained", "--from-run", str(root / "train" / "faces-cnn-none-s0"), "--mechanisms", "none", *common)
+    runs = [str(root / "train" / f"faces-cnn-{run}-s0") for run in ("dp-sgd-eps8", "dp-sgd-eps25", "dp-sgd-eps50")]
+    rows = attack(root / "trained", "--from-run", *runs, str(root / "train" / "faces-cnn-regularized-s0"), *common)
     table = []
     for m in sorted(rows, key=lambda m: (m["victim"], m["attack"])):
         psnr, ssim = per_image(m, "psnr"), per_image(m, "ssim")

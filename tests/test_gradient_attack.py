@@ -208,14 +208,14 @@ def test_the_default_chain_attacks_every_training_run_under_its_own_privacy(tmp_
     rows = utils.read_csv(tmp_path / "attack" / "summary.csv")
     shared = {(r["victim"], r["mechanism"]) for r in rows}
     assert shared == {
-        *(("faces-cnn-none", m) for m in ["none", *config.DEFAULT_DEFENSES]),
-        ("faces-cnn-dp-sgd-eps8", "dp-sgd:8"),
-        ("faces-cnn-regularized", "regularized"),
+        *(("faces-cnn-none-s0", m) for m in ["none", *config.DEFAULT_DEFENSES]),
+        ("faces-cnn-dp-sgd-eps8-s0", "dp-sgd:8"),
+        ("faces-cnn-regularized-s0", "regularized"),
     }
     assert {r["attack"] for r in rows} == {"auto", "fc-readout", "ig"}  # a ReLU cnn: no L-BFGS attack
     assert all(r["model"] == "cnn" for r in rows)
 
-    trained = utils.read_json(tmp_path / "train" / "faces-cnn-dp-sgd-eps8" / "metrics.json")
+    trained = utils.read_json(tmp_path / "train" / "faces-cnn-dp-sgd-eps8-s0" / "metrics.json")
     dp = next(r for r in rows if r["mechanism"] == "dp-sgd:8" and r["attack"] == "auto")
     assert float(dp["noise_multiplier"]) == pytest.approx(trained["noise_multiplier"])  # the run's own noise
     assert float(dp["epsilon"]) == pytest.approx(trained["epsilon"], rel=1e-3)  # ... and its whole-run ε

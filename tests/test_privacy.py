@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from defenses import ClientSetup, dp_sgd_gradients
 from models import FrozenBackbone, create_model
 from privacy import WeightNoiseRegularizer, epsilon_spent, make_private, noise_multiplier_for, poisson_schedule
+from utils import UsageError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
 
@@ -19,10 +21,10 @@ def _private_cnn(max_grad_norm: float, accountant: str, target_epsilon: float = 
     x, y = torch.rand(64, 1, 12, 12), torch.randint(0, 3, (64,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    z = noise_multiplier_for(target_epsilon, 1e-5, *poisson_schedule(64, 16, epochs), accountant)
     engine, module, optimizer, loader = make_private(
-        model, optimizer, loader, target_epsilon=target_epsilon, delta=1e-5, epochs=epochs,
-        max_grad_norm=max_grad_norm, accountant=accountant, seed=0,
-    )  # fmt: skip
+        model, optimizer, loader, noise_multiplier=z, max_grad_norm=max_grad_norm, accountant=accountant, seed=0
+    )
     return model, engine, module, optimizer, loader, x, y
 
 
@@ -71,15 +73,16 @@ def test_the_attacks_dp_sgd_step_is_opacus_step():
 
 
 def test_attack_noise_is_calibrated_like_training():
-    """dp-sgd:EPS in the attack study asks the accountant with Opacus' own sampling set-up, so it gets the
-    noise multiplier that make_private_with_epsilon gives training for that ε (here with N not a multiple of B)."""
+    """Training and dp-sgd:EPS in the attack study ask the accountant with Opacus' own sampling set-up, so they
+    get the noise multiplier that Opacus' make_private_with_epsilon would give for that ε (here with N not a
+    multiple of B)."""
     torch.manual_seed(0)
     model = create_model("mlp", (6,), 2)
     loader = DataLoader(TensorDataset(torch.rand(70, 6), torch.randint(0, 2, (70,))), batch_size=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, _, optimizer, loader = make_private(
-        model, optimizer, loader, target_epsilon=8.0, delta=1e-5, epochs=3, max_grad_norm=1.0,
-        accountant="rdp", seed=0,
+    _, optimizer, loader = PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=8.0, target_delta=1e-5, epochs=3,
+        max_grad_norm=1.0, poisson_sampling=True,
     )  # fmt: skip
     sample_rate, steps = poisson_schedule(70, 16, 3)
     assert sample_rate == pytest.approx(loader.sample_rate) and steps == 3 * len(loader)
@@ -112,8 +115,9 @@ def test_a_dp_sgd_step_runs_with_the_model_on_the_gpu():
     model = create_model("cnn", (1, 12, 12), 3).cuda()
     loader = DataLoader(TensorDataset(torch.rand(64, 1, 12, 12), torch.randint(0, 3, (64,))), batch_size=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    z = noise_multiplier_for(8.0, 1e-5, *poisson_schedule(64, 16, 1), "prv")
     _, module, optimizer, loader = make_private(
-        model, optimizer, loader, target_epsilon=8.0, delta=1e-5, epochs=1, max_grad_norm=1.0, accountant="prv", seed=0
+        model, optimizer, loader, noise_multiplier=z, max_grad_norm=1.0, accountant="prv", seed=0
     )
     before = [p.detach().clone() for p in model.parameters()]
     x, y = next(iter(loader))
@@ -156,3 +160,8 @@ def test_regularizer_covers_conv_layers_and_refuses_a_model_with_nothing_to_regu
     assert len(reg.terms) == 5  # three convolutions, fc and classifier
     with pytest.raises(ValueError):
         WeightNoiseRegularizer(nn.Linear(3, 2).requires_grad_(False), kappa=1.0)
+
+
+def test_a_budget_no_noise_reaches_is_a_usage_error():
+    with pytest.raises(UsageError, match="no noise multiplier reaches ε = 0.0001"):
+        noise_multiplier_for(1e-4, 1e-5, 0.2, 75, "rdp")
