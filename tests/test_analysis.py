@@ -12,7 +12,8 @@ from PIL import Image
 
 import analysis
 import results
-from utils import read_csv, run_cli, upsert_summary, write_csv, write_json
+import train as train_study
+from utils import read_csv, run_cli, write_csv, write_json, write_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_ACCURACY = {("none", None): 0.9, ("dp-sgd", 8.0): 0.61, ("dp-sgd", 25.0): 0.7, ("dp-sgd", 50.0): 0.8}
@@ -53,7 +54,6 @@ def write_train_run(root: Path, privacy: str, target: float | None, accuracy: fl
         root / run / "history.csv", [{"epoch": 1, "loss": 0.5, "train_accuracy": accuracy, "test_accuracy": accuracy}]
     )
     write_json(root / run / "metrics.json", row)
-    upsert_summary(root / "summary.csv", row)
 
 
 def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 1, image_seed: int = 0) -> None:
@@ -94,7 +94,6 @@ def write_attack_run(root: Path, mechanism: str, ssim: float, batch_size: int = 
     np.savez(root / run / "snapshots.npz", iterations=np.array(iterations), snapshots=snapshots, originals=originals,
              labels=np.array([0, 1]), recovered_labels=np.array([0, 1]))  # fmt: skip
     write_json(root / run / "metrics.json", row | {"per_image": per_image})
-    upsert_summary(root / "summary.csv", row)
 
 
 def make_runs(root: Path, train: bool = True, attack: bool = True) -> Path:
@@ -102,6 +101,7 @@ def make_runs(root: Path, train: bool = True, attack: bool = True) -> Path:
     if train:
         for (privacy, target), accuracy in TRAIN_ACCURACY.items():
             write_train_run(root / "train", privacy, target, accuracy)
+        write_summary(root / "train", train_study.SUMMARY_COLUMNS, results.benchmark_table)  # as train.py does
     if attack:
         for mechanism, ssim in ATTACK_SSIM.items():
             write_attack_run(root / "attack", mechanism, ssim)
