@@ -25,7 +25,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from data_sources import load_dataset  # noqa: E402
@@ -47,10 +47,10 @@ def measure(cfg: TrainConfig, model_name: str, privacy: str, label: str, work: P
     data = load_dataset(cfg.dataset)
     utils.seed_everything(cfg.seed)
     template = create_model(model_name, data.input_shape, data.num_classes, pretrained=cfg.pretrained)
-    split, prepare, cache_seconds = train.head_inputs(cfg, template, data, device)
-    run = train.Run(label, model_name, privacy, 8.0 if privacy == "dp-sgd" else None)
-    model = train.fresh_model(template)
-    metrics = train.fit(cfg, run, trainable_module(model), prepare, split, device, work / "history.csv")
+    split, prepare, cache_seconds = training.head_inputs(cfg, template, data, device)
+    run = training.Run(label, model_name, privacy, 8.0 if privacy == "dp-sgd" else None)
+    model = training.fresh_model(template)
+    metrics = training.fit(cfg, run, trainable_module(model), prepare, split, device, work / "history.csv")
     samples = metrics["samples_per_second"] * metrics["train_seconds"]
     seconds = metrics["train_seconds"] + cache_seconds
     return {"setting": label, "epochs": cfg.epochs, "samples": round(samples), "seconds": seconds,

@@ -12,7 +12,7 @@ from PIL import Image
 
 import analysis
 import results
-import train as train_study
+import training
 from utils import read_csv, run_cli, write_csv, write_json, write_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +101,7 @@ def make_runs(root: Path, train: bool = True, attack: bool = True) -> Path:
     if train:
         for (privacy, target), accuracy in TRAIN_ACCURACY.items():
             write_train_run(root / "train", privacy, target, accuracy)
-        write_summary(root / "train", train_study.SUMMARY_COLUMNS, results.benchmark_table)  # as train.py does
+        write_summary(root / "train", training.SUMMARY_COLUMNS, results.benchmark_table)  # as train.py does
     if attack:
         for mechanism, ssim in ATTACK_SSIM.items():
             write_attack_run(root / "attack", mechanism, ssim)

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import config
 import train
+import training
 import utils
 from data_sources import load_dataset
 from models import FrozenBackbone, create_model, load_checkpoint, save_checkpoint
@@ -31,7 +32,7 @@ def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path, ca
     names = ["faces-cnn-none-s0", "faces-cnn-dp-sgd-eps8-s0", "faces-cnn-regularized-s0"]
     rows = {r["run"]: r for r in utils.read_csv(tmp_path / "summary.csv")}
     assert sorted(rows) == sorted(names)
-    assert list(next(iter(rows.values()))) == train.SUMMARY_COLUMNS
+    assert list(next(iter(rows.values()))) == training.SUMMARY_COLUMNS
     for name in names:
         run_dir = tmp_path / name
         cfg = json.loads((run_dir / "config.json").read_text())
@@ -65,7 +66,7 @@ def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path, ca
 
 def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     args = ["--out", str(tmp_path), "--privacy", "none", "regularized", "--epochs", "1"]
-    real_fit, calls = train.fit, []
+    real_fit, calls = training.fit, []
 
     def interrupted_fit(cfg, run, *rest):
         calls.append(run.name)
@@ -73,7 +74,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
             raise KeyboardInterrupt
         return real_fit(cfg, run, *rest)
 
-    monkeypatch.setattr(train, "fit", interrupted_fit)
+    monkeypatch.setattr(training, "fit", interrupted_fit)
     with pytest.raises(SystemExit) as exit_info:
         run_main(args)
     assert exit_info.value.code == 130
@@ -105,10 +106,10 @@ def test_dp_run_stopped_early_reports_the_epsilon_of_the_steps_taken(tmp_path, c
 
     planned_steps = cfg.epochs * 5  # sample rate 32/150 -> 1/5: five expected batches per epoch
     sigma = noise_multiplier_for(8.0, cfg.delta, 0.2, planned_steps, "gdp")
-    run = train.Run("stopped", "cnn", "dp-sgd", 8.0, sigma)
+    run = training.Run("stopped", "cnn", "dp-sgd", 8.0, sigma)
     model = create_model("cnn", data.input_shape, 2)
     with pytest.raises(KeyboardInterrupt):
-        train.fit(cfg, run, model, stop_at_third_step, data, torch.device("cpu"), tmp_path / "h.csv")
+        training.fit(cfg, run, model, stop_at_third_step, data, torch.device("cpu"), tmp_path / "h.csv")
     spent = epsilon_spent(sigma, 0.2, 2, cfg.delta, "gdp")
     assert spent < 8.0 / 2
     assert f"stopped after 2 steps: ε spent so far = {spent:.3f}" in capsys.readouterr().out
@@ -147,13 +148,13 @@ def test_feature_cache_trains_the_same_head_as_the_naive_loop(tmp_path, privacy)
     for cache in (True, False):
         cfg = config.TrainConfig(epochs=2, feature_cache=cache, accountant="gdp", out=tmp_path)
         template = _tiny_backbone_model()
-        split, prepare, _ = train.head_inputs(cfg, template, data, torch.device("cpu"))
+        split, prepare, _ = training.head_inputs(cfg, template, data, torch.device("cpu"))
         assert (split.x_train.dim() == 2) == cache  # features (N, 32) or the images themselves
-        model = train.fresh_model(template)
+        model = training.fresh_model(template)
         assert model.backbone is template.backbone  # shared, never copied
         z = noise_multiplier_for(8.0, 1e-5, 0.2, 10, "gdp") if privacy == "dp-sgd" else None
-        run = train.Run("r", "tiny", privacy, 8.0 if privacy == "dp-sgd" else None, z)
-        metrics = train.fit(cfg, run, model.head, prepare, split, torch.device("cpu"), tmp_path / f"h{cache}.csv")
+        run = training.Run("r", "tiny", privacy, 8.0 if privacy == "dp-sgd" else None, z)
+        metrics = training.fit(cfg, run, model.head, prepare, split, torch.device("cpu"), tmp_path / f"h{cache}.csv")
         heads.append((model.head.weight.detach().clone(), metrics["accuracy"]))
     torch.testing.assert_close(heads[0][0], heads[1][0], atol=1e-5, rtol=1e-4)
     assert heads[0][1] == heads[1][1]
@@ -257,7 +258,16 @@ def test_a_diverging_run_is_recorded_as_failed_not_finished(tmp_path, capsys):
 
 def test_runs_of_other_seeds_and_random_weights_get_their_own_names():
     cfg = config.TrainConfig(models=["cnn", "resnet50"], privacy=["none"], seed=3, pretrained=False)
-    assert [r.name for r in train.study_runs(cfg, "folder:/data/x", 100)] == [
+    assert [r.name for r in training.study_runs(cfg, "folder:/data/x", 100)] == [
         "folder_data_x-cnn-none-s3",
         "folder_data_x-resnet50-random-none-s3",
     ]
+
+
+def test_the_entry_points_answer_help_before_torch_loads():
+    """`--help` and a bad option answer at once: the command lines load no PyTorch (the studies import it)."""
+    code = "import sys, train, gradient_attack, config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "gradient_attack.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "--attacks" in proc.stdout

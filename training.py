@@ -1,0 +1,295 @@
+"""The training study that `uv run train.py` runs: every model of TrainConfig under every privacy mode on one
+dataset.
+
+Each run writes runs/train/<run>/ (config.json, history.csv, model.safetensors, metrics.json last); summary.csv
+and summary.md are rebuilt from the finished run directories, and the study ends with the benchmark table
+(results.benchmark_table, the same one analysis.py puts in the report). The loop is an ordinary PyTorch loop;
+DP-SGD is a thin Opacus layer over it (privacy.make_private), and a frozen backbone's head trains on features
+computed once per split (the feature cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+import config
+import utils
+from data_sources import DataOptions, DataSplit, load_dataset
+from metrics import classification_metrics
+from models import (
+    PRETRAINED,
+    FrozenBackbone,
+    compute_features,
+    create_model,
+    save_checkpoint,
+    trainable_module,
+)
+from privacy import WeightNoiseRegularizer, make_private, noise_multiplier_for, poisson_schedule
+from results import benchmark_table
+
+SUMMARY_COLUMNS = [
+    "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
+    "max_grad_norm", "sample_rate", "steps", "epochs", "accuracy", "precision", "recall", "specificity",
+    "f1", "mcc", "train_seconds", "samples_per_second", "seed", "pretrained",
+]  # fmt: skip
+# Opacus' advice for production runs and a PyTorch note on its backward hooks: noise, not news, on every run.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+# Config fields that do not change a run's numbers: a finished run with other values here is still valid.
+NOT_RESULT_FIELDS = {
+    "models",
+    "epsilons",
+    "out",
+    "force",
+    "device",
+    "threads",
+    "download",
+    "data_root",
+    "feature_cache",
+}
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss: the run is recorded as failed, never as finished."""
+
+
+@dataclass
+class Run:
+    """One cell of the study grid."""
+
+    name: str
+    model: str
+    privacy: str  # none | dp-sgd | regularized
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None  # dp-sgd: the accountant's z for the target, found before any run
+
+
+def study_runs(cfg: config.TrainConfig, dataset: str, num_train: int) -> list[Run]:
+    """The grid models x privacy modes (x ε for dp-sgd), in the order the table shows them. Run names carry
+    the seed, and `-random` for a backbone built without its pretrained weights, so no two settings share a
+    directory. Every DP-SGD run's noise multiplier is found here, so a budget no noise reaches stops the
+    study before the first run trains."""
+    rate, steps = poisson_schedule(num_train, cfg.batch_size, cfg.epochs)
+    runs = []
+    for model in cfg.models:
+        stem = utils.safe_name(f"{dataset}-{model}" + ("-random" if model in PRETRAINED and not cfg.pretrained else ""))
+        for mode in cfg.privacy:
+            if mode != "dp-sgd":
+                runs.append(Run(f"{stem}-{mode}-s{cfg.seed}", model, mode))
+                continue
+            for eps in cfg.epsilons:
+                z = noise_multiplier_for(eps, cfg.delta, rate, steps, cfg.accountant)
+                runs.append(Run(f"{stem}-dp-sgd-eps{eps:g}-s{cfg.seed}", model, mode, eps, z))
+    return runs
+
+
+def run_config(cfg: config.TrainConfig, run: Run) -> dict[str, Any]:
+    """config.json: every TrainConfig field, with this run's own model, privacy and target ε."""
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    return {**fields, "run": run.name, "model": run.model, "privacy": run.privacy, "target_epsilon": run.target_epsilon}
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches from a seeded generator: same seed, same batches (Opacus keeps the generator when it
+    swaps in Poisson sampling)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+@torch.no_grad()
+def predict(
+    module: nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Predicted labels of the whole split, in batches, in eval mode."""
+    module.eval()
+    preds = [module(prepare(x[i : i + 256].to(device))).argmax(1).cpu() for i in range(0, len(x), 256)]
+    return torch.cat(preds)
+
+
+def fit(
+    cfg: config.TrainConfig,
+    run: Run,
+    module: nn.Module,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    data: DataSplit,
+    device: torch.device,
+    history_path: Path,
+) -> dict[str, Any]:
+    """Train `module` on prepare(x) for cfg.epochs under run.privacy and return its metrics; the per-epoch
+    history is rewritten to history_path after every epoch, so an interrupted run shows how far it got.
+
+    `prepare` is the identity for ordinary models and cached features, or the frozen backbone's feature
+    extractor in the naive head-only loop: only the trainable module is optimised (and, under DP, wrapped).
+    `data` holds what prepare takes (images, or features from the cache).
+    """
+    utils.seed_everything(cfg.seed)
+    module.to(device).train()  # Opacus only wraps a module in training mode
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9)
+    loader = make_loader(data.x_train, data.y_train, cfg.batch_size, cfg.seed)
+    engine, regularizer = None, None
+    if run.privacy == "dp-sgd":
+        engine, module, optimizer, loader = make_private(
+            module, optimizer, loader, noise_multiplier=run.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant, seed=cfg.seed,
+        )  # fmt: skip
+    elif run.privacy == "regularized":
+        regularizer = WeightNoiseRegularizer(module, kappa=(cfg.lr * cfg.reg_sigma) ** 2)
+    epsilon = (lambda: engine.get_epsilon(cfg.delta)) if engine else (lambda: None)
+
+    history, steps, samples, train_seconds = [], 0, 0, 0.0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=run.name, unit="epoch", leave=False)
+    try:
+        for epoch in bar:
+            module.train()
+            start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            for x, y in loader:
+                x, y = prepare(x.to(device)), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = module(x)
+                loss = F.cross_entropy(logits, y)
+                objective = (loss + regularizer.penalty()) if regularizer else loss
+                if not torch.isfinite(objective):
+                    raise Diverged(f"the training loss became {objective.item()} in epoch {epoch}, step {steps + 1}")
+                objective.backward()
+                optimizer.step()
+                steps += 1
+                if len(y):  # Poisson sampling can draw an empty batch: a step, but nothing to log
+                    loss_sum += loss.item() * len(y)
+                    correct += (logits.argmax(1) == y).sum().item()
+                    seen += len(y)
+            train_seconds += time.perf_counter() - start
+            samples += seen
+            test_acc = (predict(module, prepare, data.x_test, device) == data.y_test).float().mean().item()
+            row = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+            history.append({**row, "test_accuracy": test_acc, "epsilon": epsilon()})
+            utils.write_csv(history_path, history)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{test_acc:.3f}", eps=history[-1]["epsilon"] or "-")
+    except KeyboardInterrupt:
+        if engine:
+            with utils.shielded_from_interrupts():  # a second Ctrl-C must not swallow what the run spent
+                print(f"\n{run.name} stopped after {steps} steps: ε spent so far = {epsilon():.3f} (δ = {cfg.delta}).")
+        raise
+    finally:
+        bar.close()
+        if regularizer:
+            regularizer.remove()
+
+    scores = classification_metrics(data.y_test, predict(module, prepare, data.x_test, device), data.num_classes)
+    dp = engine is not None
+    metrics = {
+        "run": run.name, "dataset": data.name, "model": run.model, "privacy": run.privacy,
+        "target_epsilon": run.target_epsilon, "epsilon": epsilon(), "delta": cfg.delta if dp else None,
+        "noise_multiplier": optimizer.noise_multiplier if dp else None,
+        "max_grad_norm": cfg.max_grad_norm if dp else None, "sample_rate": loader.sample_rate if dp else None,
+        "steps": steps, "epochs": cfg.epochs, **scores, "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds, "seed": cfg.seed,
+        "kappa": (cfg.lr * cfg.reg_sigma) ** 2 if regularizer else None, "accountant": cfg.accountant if dp else None,
+        "pretrained": cfg.pretrained if run.model in PRETRAINED else None,
+    }  # fmt: skip
+    return metrics
+
+
+def fresh_model(template: nn.Module) -> nn.Module:
+    """An untrained copy of the template for one run, so every privacy mode starts from the same weights.
+    A frozen backbone is never trained, so it is shared rather than copied."""
+    memo = {id(template.backbone): template.backbone} if isinstance(template, FrozenBackbone) else {}
+    return copy.deepcopy(template, memo)
+
+
+def head_inputs(
+    cfg: config.TrainConfig, template: nn.Module, data: DataSplit, device: torch.device
+) -> tuple[DataSplit, Callable[[torch.Tensor], torch.Tensor], float]:
+    """What the trainable module trains on: the frozen backbone's features computed once per split (the
+    feature cache), else the images, with the backbone run in every step when the cache is off.
+    Returns the split, the per-batch transform and the seconds the cache took."""
+    if not isinstance(template, FrozenBackbone):
+        return data, nn.Identity(), 0.0
+    if not cfg.feature_cache:
+        return data, template.to(device).features, 0.0
+    start = time.perf_counter()
+    features = dataclasses.replace(
+        data,
+        x_train=compute_features(template, data.x_train, device),
+        x_test=compute_features(template, data.x_test, device),
+    )
+    return features, nn.Identity(), time.perf_counter() - start
+
+
+def run_study(cfg: config.TrainConfig) -> None:
+    """Every check first (data, names, DP noise, finished runs), then the unfinished runs under a lock on the
+    output directory, then the summaries rebuilt from the run directories."""
+    utils.check_output(cfg.out)
+    device = utils.pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    opts = DataOptions(cfg.data_root, cfg.download, cfg.seed, cfg.test_fraction, cfg.image_size)
+    data = load_dataset(cfg.dataset, opts)
+    if len(data.y_test) == 0:
+        raise utils.UsageError(f"dataset '{cfg.dataset}' has no test split (it is meant for attacks); train on faces.")
+    cfg.validate_data(len(data.y_train))
+    runs = study_runs(cfg, data.name, len(data.y_train))
+    for run in runs:  # every check before any training
+        run_dir = cfg.out / run.name
+        if utils.run_is_done(run_dir) and not cfg.force:
+            utils.check_finished_run(run_dir, run_config(cfg, run), NOT_RESULT_FIELDS)
+    utils.seed_everything(cfg.seed)
+    templates = {name: create_model(name, data.input_shape, data.num_classes, cfg.pretrained) for name in cfg.models}
+
+    with utils.study_lock(cfg.out):
+        inputs: dict[str, tuple] = {}  # per model: what its trainable part trains on (the feature cache)
+        failed = [run.name for run in runs if not train_run(cfg, run, templates[run.model], data, device, inputs)]
+        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, benchmark_table)
+    names = {run.name for run in runs}
+    print("\n" + benchmark_table([r for r in rows if r["run"] in names]))
+    print(
+        f"{len(runs)} runs in {cfg.out}/; {cfg.out / 'summary.csv'} and summary.md list all {len(rows)} finished there."
+    )
+    if failed:
+        raise utils.UsageError(
+            f"{len(failed)} run(s) failed, their training loss diverged: {', '.join(failed)} (each directory holds "
+            "failed.json). Lower --lr (or, under DP-SGD, --max-grad-norm) and run the same command again."
+        )
+
+
+def train_run(
+    cfg: config.TrainConfig, run: Run, template: nn.Module, data: DataSplit, device: torch.device, inputs: dict
+) -> bool:
+    """One run of the grid, unless it finished already: config.json, the training, model.safetensors and
+    metrics.json last. A diverged run writes failed.json instead of metrics.json. False when it failed.
+    `inputs` caches, per model, what its trainable part trains on (head_inputs)."""
+    run_dir = cfg.out / run.name
+    if utils.run_is_done(run_dir) and not cfg.force:
+        print(f"{run.name}: finished already, skipped (--force redoes it)")
+        return True
+    if run.model not in inputs:
+        inputs[run.model] = head_inputs(cfg, template, data, device)
+    split, prepare, feature_seconds = inputs[run.model]
+    utils.write_json(run_dir / "config.json", run_config(cfg, run))
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    model = fresh_model(template)
+    try:
+        metrics = fit(cfg, run, trainable_module(model), prepare, split, device, run_dir / "history.csv")
+    except Diverged as err:
+        utils.write_json(run_dir / "failed.json", {"run": run.name, "reason": str(err)})
+        print(f"{run.name}: FAILED, {err}")
+        return False
+    save_checkpoint(model, run_dir / "model.safetensors")
+    metrics["feature_seconds"] = feature_seconds
+    utils.write_json(run_dir / "metrics.json", metrics)
+    eps = f", ε spent {metrics['epsilon']:.2f}" if metrics["epsilon"] is not None else ""
+    print(f"{run.name}: accuracy {metrics['accuracy']:.3f}, MCC {metrics['mcc']:.3f}{eps}")
+    return True
