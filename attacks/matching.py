@@ -102,10 +102,17 @@ def gradient_distances(candidate: Grads, target: Grads, kind: str) -> torch.Tens
     if kind == "l2":
         return sum(((c - t) ** 2).flatten(1).sum(1) for c, t in zip(candidate, target, strict=True))
     if kind == "cosine":
+        # Each side is first divided by its largest entry: a confident model's gradients can be so small that
+        # their squares underflow float32, and the cosine does not depend on the scale.
+        tiny = torch.finfo(target[0].dtype).tiny
+        target_scale = torch.stack([t.abs().max() for t in target]).max().clamp_min(tiny)
+        target = [t / target_scale for t in target]
+        scale = torch.stack([c.abs().flatten(1).amax(1) for c in candidate]).amax(0).clamp_min(tiny)
+        candidate = [c / scale.view(-1, *[1] * (c.dim() - 1)) for c in candidate]
         dot = sum((c * t).flatten(1).sum(1) for c, t in zip(candidate, target, strict=True))
         norm_c = torch.sqrt(sum(c.pow(2).flatten(1).sum(1) for c in candidate))
         norm_t = torch.sqrt(sum(t.pow(2).sum() for t in target))
-        return 1 - dot / (norm_c * norm_t).clamp_min(1e-12)
+        return 1 - dot / (norm_c * norm_t).clamp_min(tiny)
     raise ValueError(f"unknown gradient distance {kind!r}")
 
 

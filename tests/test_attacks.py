@@ -77,6 +77,9 @@ def test_gradient_distances():
     assert l2[0] == 0 and l2[3] == pytest.approx(17.0)
     assert cosine[1].abs() < 1e-6  # cosine ignores scale
     assert cosine[2] == pytest.approx(2.0)
+    # a confident model's gradients (norms near 1e-15 and below) keep the same cosine distances
+    tiny = gradient_distances(tuple(1e-18 * c for c in candidates), tuple(1e-20 * t for t in g), "cosine")
+    assert torch.allclose(tiny, cosine, atol=1e-5)
 
 
 def fake_restarts(losses):
