@@ -27,6 +27,7 @@ from results import (
     mean_std,
     mechanism_order,
     sweep_table,
+    with_bounds,
 )
 from utils import atomic_write_text, check_output, markdown_table, run_cli
 
@@ -34,11 +35,11 @@ from utils import atomic_write_text, check_output, markdown_table, run_cli
 def attack_table(study: Study, threshold: float) -> str:
     """Mechanism x attack: PSNR, SSIM, MSE as mean ± std over images (pooled across seeds); label accuracy and
     success rate as shares of those images; for DP-SGD the whole training run's ε and the ε of the one
-    release the server attacked (a Gaussian mechanism on a batch that holds the target). Success is recounted here at the report's SSIM threshold, so the
+    release the server attacked (a Gaussian mechanism on a batch that holds the target), with that release's
+    bound on any reconstruction against 10 and against --prior-size candidates (risk.py). Success is recounted here at the report's SSIM threshold, so the
     table, the breaking points and the batch-size figure all draw the same line."""
     header = ["Victim", "Dataset", "Attack", "Mechanism", "ε (run / release)", "Batch", "Images", "PSNR (dB)", "SSIM"]
-    header += ["MSE"]
-    header += ["Label acc.", f"Success rate (SSIM ≥ {threshold})"]
+    header += ["MSE", "Label acc.", f"Success rate (SSIM ≥ {threshold})", "Any reconstruction ≤ (1 of 10 / 1 of n)"]
     rows = []
     for scenario, group in study.attack.groupby(SCENARIO):
         for mech in mechanism_order(group):
@@ -49,7 +50,11 @@ def attack_table(study: Study, threshold: float) -> str:
                 epsilon = mean_std(runs.epsilon, 2)
                 if runs.release_epsilon.notna().any():
                     epsilon += f" / {mean_std(runs.release_epsilon, 2)}"
-                rows.append([*scenario, mech, epsilon, int(batch), len(images), *scores, *rates])
+                bound = "--"
+                if runs.get("release_bound", pd.Series(dtype=float)).notna().any():
+                    n = int(runs.prior_size.iloc[0])
+                    bound = f"{runs.release_bound.mean():.3f} / {runs.release_bound_prior.mean():.3f} (n = {n})"
+                rows.append([*scenario, mech, epsilon, int(batch), len(images), *scores, *rates, bound])
     return markdown_table(header, rows)
 
 
@@ -129,7 +134,7 @@ def figure_links(report: str) -> set[str]:
 def main(args: list[str] | None = None) -> None:
     cfg = config.parse(AnalysisConfig, args)
     check_output(cfg.out)
-    study = load_study(cfg.runs)
+    study = with_bounds(load_study(cfg.runs), cfg.prior_size)
     for problem in study.problems:
         print(f"warning: {problem}", file=sys.stderr)
     previous = cfg.out / "report.md"

@@ -21,6 +21,8 @@ import tyro
 from utils import UsageError
 
 MAX_EPOCHS = 10_000  # far beyond any study here; 10^8 made the accountant ask for terabytes
+MAX_CANARIES = 1_000_000  # canaries need distinct trainable coordinates; the audit gains little beyond 10^4
+MAX_PRIOR_SIZE = 10**9
 
 
 @dataclass
@@ -37,6 +39,12 @@ class TrainConfig:
     delta: float = 1e-5  # must stay below 1/N for N training samples
     max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
     accountant: str = "prv"  # Opacus' default accountant; rdp and gdp also work
+    prior_size: int = 100
+    """reconstruction-risk bound of every DP-SGD run against a prior of this many equally likely candidates
+    (beside the bound for 10); it is read off the recorded noise, rate and steps, so changing it redoes nothing"""
+    audit_canaries: int = 0
+    """one-run privacy audit: train with this many gradient canaries (each a member with probability 1/2) and
+    report the ε lower bound at 95 % confidence beside the accountant's ε (0: no audit; 1000 is typical)"""
     epochs: int = 15  # faces: the plain CNN reaches ~0.98 test accuracy; the default study takes ~1 min on 2 CPUs
     batch_size: int = 32  # expected batch size; DP-SGD samples each example with rate batch_size / N
     lr: float = 0.05  # SGD learning rate (momentum 0.9)
@@ -84,6 +92,11 @@ class TrainConfig:
             )
         if not self.max_grad_norm > 0:
             raise UsageError(f"--max-grad-norm {self.max_grad_norm} must be positive (e.g. 1.0).")
+        check_prior_size(self.prior_size)
+        if not 0 <= self.audit_canaries <= MAX_CANARIES:
+            raise UsageError(
+                f"--audit-canaries {self.audit_canaries} must lie in [0, {MAX_CANARIES}] (0: no audit; 1000 is typical)."
+            )
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise UsageError(
                 f"--epochs {self.epochs} must lie in [1, {MAX_EPOCHS}]: the accountant's work and memory grow with the "
@@ -159,6 +172,9 @@ class AttackConfig:
     restarts: int = 1  # random initialisations per batch (one batched optimisation); the best match is kept
     log_every: int = 10  # iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success (recognisable)
+    prior_size: int = 100
+    """bound on any reconstruction of a dp-sgd release against a prior of this many equally likely candidates
+    (beside the bound for 10), in summary.csv"""
     threads: int = 1  # torch CPU threads: per-image attack ops are too small to gain from more
     seed: int = 0  # one seed for the image draw, the client's noise and the attacks' initialisations
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
@@ -237,6 +253,7 @@ class AttackConfig:
             raise UsageError(f"--log-every {self.log_every} must be at least 1.")
         if not 0 < self.success_ssim <= 1:
             raise UsageError(f"--success-ssim {self.success_ssim} must lie in (0, 1].")
+        check_prior_size(self.prior_size)
         if self.threads < 1:
             raise UsageError(f"--threads {self.threads} must be at least 1.")
         if self.image_size < 4:
@@ -278,6 +295,15 @@ def parse(cls: type, args: list[str] | None = None):
     return cfg
 
 
+def check_prior_size(prior_size: int) -> None:
+    """A prior of n candidates has baseline success 1/n: n must be at least 2."""
+    if not 2 <= prior_size <= MAX_PRIOR_SIZE:
+        raise UsageError(
+            f"--prior-size {prior_size} must lie in [2, {MAX_PRIOR_SIZE}]: the reconstruction bound is for an "
+            "attacker choosing among that many equally likely candidates (e.g. 10, 100, 1000)."
+        )
+
+
 def check_common(cfg) -> None:
     """No option may be NaN or infinite (they train garbage that looks finished); a seed must be one numpy and
     torch accept; a device must be one torch knows."""
@@ -307,6 +333,7 @@ class AnalysisConfig:
     out: Path = Path("runs/report")
     """figures and report.md (the README's own figures are made with --out static)"""
     ssim_threshold: float = 0.5  # below this final SSIM an attack "stops working"; matches the attack's success_ssim
+    prior_size: int = 100  # reconstruction bounds against a prior of this many candidates, beside 10
     dpi: int = 200  # print quality
     max_images: int = 8  # rows (images) shown per reconstruction grid; more make unreadable figures
     max_snapshots: int = 8  # columns (iterations) shown per reconstruction-evolution figure
@@ -317,6 +344,7 @@ class AnalysisConfig:
                 f"--ssim-threshold {self.ssim_threshold} must lie in (0, 1]: SSIM is 1 for an exact "
                 "reconstruction; 0.5 is the usual line between recognisable and not."
             )
+        check_prior_size(self.prior_size)
         if not 50 <= self.dpi <= 1200:
             raise UsageError(f"--dpi {self.dpi} must lie in [50, 1200]; 200 is print quality, 100 for quick looks.")
         if self.max_images < 1:

@@ -235,16 +235,44 @@ def _privacy_panel(
     return True
 
 
+def _risk_panel(ax: plt.Axes, train: pd.DataFrame, attack: pd.DataFrame) -> bool:
+    """Probability of reconstruction against ε: the bound on any attack against a prior of 10 candidates
+    (risk.py) for the whole training run and for the one release the server attacked, beside the measured
+    success of each attack at the same ε. False when there is no DP-SGD row."""
+    epsilons = []
+    train = train[train.privacy == "dp-sgd"] if "reconstruction_bound" in train else train.iloc[:0]
+    if not train.empty:
+        at = train.groupby("target_epsilon")
+        ax.plot(at.epsilon.mean(), at.reconstruction_bound.mean(), "k-o", label="bound on any attack: whole run")
+        epsilons += list(at.epsilon.mean())
+    dp = attack[attack.mechanism_name == "dp-sgd"] if "release_bound" in attack else attack.iloc[:0]
+    if not dp.empty:
+        dp = dp.assign(eps=dp.epsilon.fillna(dp.strength))
+        at = dp.groupby("strength")
+        ax.plot(at.eps.mean(), at.release_bound.mean(), "k--s", label="bound on any attack: the release attacked")
+        for i, (name, group) in enumerate(dp.groupby("attack")):
+            at = group.groupby("strength")
+            ax.plot(at.eps.mean(), at.success_rate.mean(), "o", color=f"C{i}", ms=8, label=f"{name}: measured")
+        epsilons += list(dp.eps)
+    if not epsilons:
+        return False
+    _log_axis(ax, epsilons)
+    ax.set(ylim=(-0.03, 1.03), xlabel="ε of the whole training run (δ = 1e-5, log scale)")
+    ax.axhline(0.1, color="grey", lw=1, label="baseline: a guess among 10 (κ = 0.1)")
+    return True
+
+
 def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
-    """The study's question in one picture: per model, what each privacy setting costs in test accuracy (left)
-    and what it buys against the strongest attack (final SSIM and PSNR of `auto` where it ran, else of each
-    attack, at the same ε; each DP point labelled with the ε of the one release the server attacked)."""
+    """The study's question in one picture: per model, what each privacy setting costs in test accuracy (left),
+    what it buys against the strongest attack (final SSIM and PSNR of `auto` where it ran, else of each
+    attack, at the same ε; each DP point labelled with the ε of the one release the server attacked), and what
+    ε guarantees against any reconstruction beside the success measured (right)."""
     attack = smallest_batch(study.attack)
     attack = strongest(attack[attack.mechanism_name.isin(PRIVACY_ORDER)])
     models = sorted(set(study.train.model) | set(attack.model))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
-    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(models), 4, figsize=(21, 4.2 * len(models)), squeeze=False, layout="constrained")
     for row, model in zip(axes, models, strict=True):
         train = study.train[study.train.model == model]
         if _privacy_panel(row[0], train, "privacy", "target_epsilon", "accuracy", ["dataset"]):
@@ -262,6 +290,11 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
             ax.legend(fontsize=7)
         row[1].set(ylabel="final SSIM (1 = exact copy)", title=f"{model}: leakage (SSIM)")
         row[2].set(ylabel="final PSNR (dB)", title=f"{model}: leakage (PSNR)")
+        if _risk_panel(row[3], train, runs):
+            row[3].legend(fontsize=7)
+        else:
+            _empty(row[3], f"no DP-SGD runs of {model}")
+        row[3].set(ylabel="probability of reconstruction", title=f"{model}: what ε guarantees (prior of 10)")
     return _save(fig, cfg.out / "privacy_tradeoff.png", cfg.dpi)
 
 

@@ -40,6 +40,7 @@ from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from evaluation import RunRecord, finished_reconstructions
 from models import FrozenBackbone, create_model, load_checkpoint
 from privacy import epsilon_spent, noise_multiplier_for, poisson_schedule, release_epsilon
+from risk import release_bounds
 
 SUMMARY_COLUMNS = [
     "run", "victim", "model", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon",
@@ -545,7 +546,7 @@ def run_study(cfg: config.AttackConfig) -> None:
         servers: dict = {}
         for cell in tqdm(cells, desc="leakage study", unit="cell"):
             run_cell(cfg, cell, device, servers)
-        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, results_table)
+        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, results_table, lambda r: release_bounds(r, cfg.prior_size))
     names = {name for cell in cells for name, _ in cell.runs.values()}
     print(results_table([r for r in rows if r["run"] in names]))
     print(

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from risk import release_bounds, run_bounds
 from utils import UsageError, read_json
 
 TRAIN_KEYS = ["run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "accuracy", "precision", "recall"]
@@ -189,6 +190,24 @@ def load_study(runs: Path) -> Study:
     )
 
 
+def with_bounds(study: Study, prior_size: int) -> Study:
+    """The study with its reconstruction bounds (risk.py), read off what each run recorded: a DP-SGD training
+    run's for the whole run, a dp-sgd attack row's for the one release attacked; against 10 candidates and
+    against `prior_size`. Non-DP rows get none."""
+    train = study.train.to_dict("records")
+    attack = study.attack.to_dict("records")
+    return replace(
+        study,
+        train=pd.concat(
+            [study.train, pd.DataFrame([run_bounds(r, prior_size) for r in train], index=study.train.index)], axis=1
+        ),
+        attack=pd.concat(
+            [study.attack, pd.DataFrame([release_bounds(r, prior_size) for r in attack], index=study.attack.index)],
+            axis=1,
+        ),
+    )
+
+
 def smallest_batch(attack: pd.DataFrame) -> pd.DataFrame:
     """Each scenario's runs at its smallest batch size: curves across mechanisms compare like with like (batch
     size has a figure of its own)."""
@@ -305,6 +324,13 @@ def model_title(row: Mapping[str, Any]) -> str:
     return MODEL_TITLES.get(model, model)
 
 
+# Columns the benchmark shows where some run has them: what ε guarantees and what an audit found.
+EXTRA_COLUMNS = {
+    "reconstruction_bound": "Reconstruction ≤ (1 of 10)",
+    "audit_epsilon": "Audit ε ≥ (95 %)",
+}
+
+
 def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """The classification benchmark in Markdown, one renderer for train.py's summary.md and the report, so the
     two never drift apart. `rows` are summary rows (summary.csv dicts of strings, or a Study's train records).
@@ -312,15 +338,19 @@ def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
     One block per dataset and model (a backbone with random weights apart), in the order the rows first name them; in each, Traditional Training (ε ∞),
     DP-SGD from the smallest target ε up, then Explicit Regularization (no formal ε: '--'). Rows of the same
     setting are seeds: several give 'mean ± std' and a Seeds column, one gives plain numbers (so a one-seed
-    study prints the table the README shows). ε spent is the accountant's, as each run recorded it."""
+    study prints the table the README shows). ε spent is the accountant's, as each run recorded it; where runs
+    have them, the bound on any reconstruction against 10 candidates (risk.py) and the one-run audit's ε lower
+    bound (audit.py) follow it."""
     rank = {p: i for i, p in enumerate(PRIVACY_ORDER)}
     blocks: dict[tuple[str, str], dict[tuple[str, float | None], list[Mapping[str, Any]]]] = {}
     for row in rows:
         block = blocks.setdefault((row["dataset"], model_title(row)), {})
         block.setdefault((row["privacy"], _number(row["target_epsilon"])), []).append(row)
     seeded = any(len(runs) > 1 for block in blocks.values() for runs in block.values())
+    rows = [r for block in blocks.values() for runs in block.values() for r in runs]
+    extra = [c for c in EXTRA_COLUMNS if any(_number(r.get(c)) is not None for r in rows)]
     header = ["Model", "ε", "Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC", "ε spent"]
-    header += ["Seeds"] if seeded else []
+    header += [EXTRA_COLUMNS[c] for c in extra] + (["Seeds"] if seeded else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for (dataset, title), block in blocks.items():
         lines.append(f"| **{title} on {dataset}** " + "|" * len(header))
@@ -330,6 +360,7 @@ def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
             label = PRIVACY_LABELS.get(privacy, privacy) + ("" if target is None else f" (ε={target_cell})")
             scores = [mean_std(_number(r[m]) for r in runs) for m in BENCHMARK_METRICS]
             spent = "∞" if privacy == "none" else mean_std(_number(r["epsilon"]) for r in runs)
-            cells = [label, target_cell, *scores, spent] + ([str(len(runs))] if seeded else [])
+            more = [mean_std(_number(r.get(c)) for r in runs) for c in extra]
+            cells = [label, target_cell, *scores, spent, *more] + ([str(len(runs))] if seeded else [])
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import config
 import utils
+from audit import GradientCanaries
 from data_sources import DataOptions, DataSplit, load_dataset
 from metrics import classification_metrics
 from models import (
@@ -39,11 +40,13 @@ from models import (
 )
 from privacy import WeightNoiseRegularizer, make_private, noise_multiplier_for, poisson_schedule
 from results import benchmark_table
+from risk import run_bounds
 
 SUMMARY_COLUMNS = [
     "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
     "max_grad_norm", "sample_rate", "steps", "epochs", "accuracy", "precision", "recall", "specificity",
-    "f1", "mcc", "train_seconds", "samples_per_second", "seed", "pretrained",
+    "f1", "mcc", "train_seconds", "samples_per_second", "seed", "pretrained", "audit_canaries", "audit_epsilon",
+    "audit_guesses", "audit_correct",
 ]  # fmt: skip
 # Opacus' advice for production runs and a PyTorch note on its backward hooks: noise, not news, on every run.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -60,6 +63,7 @@ NOT_RESULT_FIELDS = {
     "download",
     "data_root",
     "feature_cache",
+    "prior_size",
 }
 
 
@@ -149,6 +153,13 @@ def fit(
     elif run.privacy == "regularized":
         regularizer = WeightNoiseRegularizer(module, kappa=(cfg.lr * cfg.reg_sigma) ** 2)
     epsilon = (lambda: engine.get_epsilon(cfg.delta)) if engine else (lambda: None)
+    canaries = None
+    if cfg.audit_canaries:  # drawn like examples: at Opacus' Poisson rate, or at the plain batches' rate
+        rate = loader.sample_rate if engine else min(1.0, cfg.batch_size / len(data.x_train))
+        params = [p for p in module.parameters() if p.requires_grad]
+        canaries = GradientCanaries(params, cfg.audit_canaries, cfg.max_grad_norm, rate, cfg.seed + 1)
+        if engine:
+            canaries.attach(optimizer)
 
     history, steps, samples, train_seconds = [], 0, 0, 0.0
     bar = tqdm(range(1, cfg.epochs + 1), desc=run.name, unit="epoch", leave=False)
@@ -165,6 +176,8 @@ def fit(
                 if not torch.isfinite(objective):
                     raise Diverged(f"the training loss became {objective.item()} in epoch {epoch}, step {steps + 1}")
                 objective.backward()
+                if canaries and not engine:
+                    canaries.plain_step(params, max(len(y), 1))
                 optimizer.step()
                 steps += 1
                 if len(y):  # Poisson sampling can draw an empty batch: a step, but nothing to log
@@ -200,6 +213,8 @@ def fit(
         "kappa": (cfg.lr * cfg.reg_sigma) ** 2 if regularizer else None, "accountant": cfg.accountant if dp else None,
         "pretrained": cfg.pretrained if run.model in PRETRAINED else None,
     }  # fmt: skip
+    if canaries:
+        metrics.update(canaries.audit(optimizer.noise_multiplier if dp else 0.0, cfg.delta))
     return metrics
 
 
@@ -252,7 +267,7 @@ def run_study(cfg: config.TrainConfig) -> None:
     with utils.study_lock(cfg.out):
         inputs: dict[str, tuple] = {}  # per model: what its trainable part trains on (the feature cache)
         failed = [run.name for run in runs if not train_run(cfg, run, templates[run.model], data, device, inputs)]
-        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, benchmark_table)
+        rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, benchmark_table, lambda r: run_bounds(r, cfg.prior_size))
     names = {run.name for run in runs}
     print("\n" + benchmark_table([r for r in rows if r["run"] in names]))
     print(

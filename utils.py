@@ -163,14 +163,21 @@ def run_is_done(run_dir: Path) -> bool:
     return finished_metrics(run_dir) is not None
 
 
-def write_summary(out: Path, columns: list[str], table: Callable[[list[dict[str, Any]]], str]) -> list[dict]:
-    """summary.csv (one row per finished run, `columns` of its metrics.json) and summary.md (`table` of the
-    same rows), rebuilt from the run directories, the source of truth: a lost or damaged summary heals here."""
+def write_summary(
+    out: Path,
+    columns: list[str],
+    table: Callable[[list[dict[str, Any]]], str],
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[dict]:
+    """summary.csv (one row per finished run, `columns` of its metrics.json, plus the columns `derive` computes
+    from them) and summary.md (`table` of the same rows), rebuilt from the run directories, the source of
+    truth: a lost or damaged summary heals here."""
     rows = []
     for run_dir in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
         metrics = finished_metrics(run_dir) if run_dir.is_dir() else None
         if metrics is not None:
-            rows.append({k: metrics.get(k) for k in columns})
+            row = {k: metrics.get(k) for k in columns}
+            rows.append({**row, **derive(row)} if derive else row)
     write_csv(Path(out) / "summary.csv", rows)
     atomic_write_text(Path(out) / "summary.md", table(rows))
     return rows

@@ -16,6 +16,7 @@ import utils
 from data_sources import load_dataset
 from models import FrozenBackbone, create_model, load_checkpoint, save_checkpoint
 from privacy import epsilon_spent, noise_multiplier_for
+from risk import run_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
@@ -32,7 +33,7 @@ def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path, ca
     names = ["faces-cnn-none-s0", "faces-cnn-dp-sgd-eps8-s0", "faces-cnn-regularized-s0"]
     rows = {r["run"]: r for r in utils.read_csv(tmp_path / "summary.csv")}
     assert sorted(rows) == sorted(names)
-    assert list(next(iter(rows.values()))) == training.SUMMARY_COLUMNS
+    assert list(next(iter(rows.values()))) == training.SUMMARY_COLUMNS + list(run_bounds({}, 100))
     for name in names:
         run_dir = tmp_path / name
         cfg = json.loads((run_dir / "config.json").read_text())
@@ -54,12 +55,13 @@ def test_study_writes_the_contract_and_dp_spends_at_most_its_target(tmp_path, ca
     table = (tmp_path / "summary.md").read_text()
     assert table in capsys.readouterr().out  # printed as written
     lines = table.splitlines()
-    assert lines[0].split(" | ")[-1] == "ε spent |"  # one seed: no Seeds column
-    assert lines[2] == "| **Convolutional Neural Network (custom CNN) on faces** " + "|" * 9
+    assert lines[0].split(" | ")[-2:] == ["ε spent", "Reconstruction ≤ (1 of 10) |"]  # one seed: no Seeds column
+    assert lines[2] == "| **Convolutional Neural Network (custom CNN) on faces** " + "|" * 10
     cells = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in lines[3:]}
     assert list(cells) == ["Traditional Training", "DP-SGD (ε=8)", "Explicit Regularization"]
-    assert cells["DP-SGD (ε=8)"][-1] == f"{float(dp['epsilon']):.3f}"  # the accountant's ε, not the target
-    assert cells["Traditional Training"][-1] == "∞" and cells["Explicit Regularization"][-1] == "--"
+    assert cells["DP-SGD (ε=8)"][-2] == f"{float(dp['epsilon']):.3f}"  # the accountant's ε, not the target
+    assert cells["DP-SGD (ε=8)"][-1] == f"{float(dp['reconstruction_bound']):.3f}"
+    assert cells["Traditional Training"][-2:] == ["∞", "--"] and cells["Explicit Regularization"][-2:] == ["--", "--"]
     for label, name in [("Traditional Training", "faces-cnn-none-s0"), ("DP-SGD (ε=8)", "faces-cnn-dp-sgd-eps8-s0")]:
         assert cells[label][2] == f"{float(rows[name]['accuracy']):.3f}"
 
