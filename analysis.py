@@ -81,6 +81,19 @@ def breaking_table(breaks: pd.DataFrame, threshold: float) -> str:
 # ---------------------------------------------------------------------------------------------- the report
 
 
+def prior_table(prior: pd.DataFrame) -> str:
+    """The prior-aware attack's runs: its success among the prior's candidates, with the 95 % Clopper–Pearson
+    interval, beside the bound on any attack for the same training (z, q, T) and prior."""
+    header = ["Model", "Dataset", "ε", "z", "q", "T", "Prior", "Trials", "Success (95 % interval)", "Bound"]
+    rows = [
+        [r.model, r.dataset, f"{r.epsilon:g}", f"{r.noise_multiplier:.2f}", f"{r.sample_rate:g}", int(r.steps),
+         int(r.prior_size), int(r.trials), f"{r.success_rate:.2f} ({r.success_low:.2f}–{r.success_high:.2f})",
+         f"{r.bound:.2f}"]
+        for r in prior.sort_values(["model", "dataset", "epsilon"]).itertuples()
+    ]  # fmt: skip
+    return markdown_table(header, rows)
+
+
 def build_report(study: Study, cfg: AnalysisConfig) -> str:
     """Write every figure whose inputs exist and return report.md's text, sections in reading order."""
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,8 @@ def build_report(study: Study, cfg: AnalysisConfig) -> str:
             ),
             "Batch-size impact": figures.plot_batch_size(study, cfg),
         }
+    if not study.prior.empty:
+        sections["Prior-aware attack against the bound"] = prior_table(study.prior)
     if study.problems:
         sections["Skipped runs and files"] = "".join(f"- {p}\n" for p in study.problems)
     intro = (

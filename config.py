@@ -167,11 +167,13 @@ class AttackConfig:
     """auto, or any of fc-readout ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf. auto runs every honest
     attack that applies to the victim (fc-readout, ig, and idlg on smooth networks; fc-readout alone on a
     frozen backbone's head), each in its own run, and keeps per batch the one whose reconstruction best explains
-    the shared update"""
+    the shared update. prior-aware (alone) watches DP-SGD train a fresh model and picks the target among 10
+    candidates, --trials times per ε: the attack that shows whether the bound on any attack is tight"""
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
     restarts: int = 1  # random initialisations per batch (one batched optimisation); the best match is kept
     log_every: int = 10  # iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success (recognisable)
+    trials: int = 100  # prior-aware: DP-SGD trainings watched per ε (the success rate's 95 % interval is about ±0.1)
     prior_size: int = 100
     """bound on any reconstruction of a dp-sgd release against a prior of this many equally likely candidates
     (beside the bound for 10), in summary.csv"""
@@ -210,6 +212,24 @@ class AttackConfig:
         """Whether the victim is a freshly built model (--model or --dataset given) rather than training runs."""
         return self.model is not None or self.dataset is not None
 
+    def check_prior_aware(self) -> None:
+        """prior-aware watches DP-SGD train a fresh model: it runs alone, on dp-sgd mechanisms with an ε."""
+        from defenses import parse_mechanisms
+
+        if self.attacks != ["prior-aware"] or self.from_run or self.images:
+            raise UsageError(
+                "--attacks prior-aware watches DP-SGD train a fresh model (--model, --dataset; mlp on digits by "
+                "default), so it runs on its own: without other attacks, --from-run or --images."
+            )
+        specs = parse_mechanisms(self.mechanisms) if self.mechanisms else []
+        if any(spec.name != "dp-sgd" or spec.strength is None for spec in specs):
+            raise UsageError(
+                f"--attacks prior-aware attacks DP-SGD training at a given ε; --mechanisms {' '.join(self.mechanisms)} "
+                "must all be dp-sgd:EPS (e.g. dp-sgd:1,4,8,16, the default)."
+            )
+        if not 1 <= self.trials <= 100_000:
+            raise UsageError(f"--trials {self.trials} must lie in [1, 100000] (100 give an interval of about ±0.1).")
+
     def validate(self) -> None:
         from attacks import ATTACKS
         from data_sources import check_dataset_name
@@ -228,8 +248,10 @@ class AttackConfig:
         if not self.attacks:
             raise UsageError(f"--attacks is empty; name auto or at least one of {', '.join(ATTACKS)}.")
         for name in self.attacks:
-            if name not in ATTACKS and name != "auto":
-                raise UsageError(f"unknown attack '{name}'; choose auto or any of {', '.join(ATTACKS)}.")
+            if name not in ATTACKS and name not in ("auto", "prior-aware"):
+                raise UsageError(f"unknown attack '{name}'; choose auto, prior-aware or any of {', '.join(ATTACKS)}.")
+        if "prior-aware" in self.attacks:
+            self.check_prior_aware()
         if self.mechanisms:
             parse_mechanisms(self.mechanisms)
         if not self.batch_sizes or min(self.batch_sizes) < 1:

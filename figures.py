@@ -235,16 +235,17 @@ def _privacy_panel(
     return True
 
 
-def _risk_panel(ax: plt.Axes, train: pd.DataFrame, attack: pd.DataFrame) -> bool:
+def _risk_panel(ax: plt.Axes, train: pd.DataFrame, attack: pd.DataFrame, prior: pd.DataFrame) -> bool:
     """Probability of reconstruction against ε: the bound on any attack against a prior of 10 candidates
-    (risk.py) for the whole training run and for the one release the server attacked, beside the measured
-    success of each attack at the same ε. False when there is no DP-SGD row."""
+    (risk.py) for the whole training run and for the one release the server attacked, beside the share of
+    images each attack made recognisable at the same ε (`success`), and the prior-aware attack's success (with
+    its 95 % interval) beside the bound for the training it watched. False when there is no DP-SGD row."""
     epsilons = []
     train = train[train.privacy == "dp-sgd"] if "reconstruction_bound" in train else train.iloc[:0]
     if not train.empty:
         at = train.groupby("target_epsilon")
         ax.plot(at.epsilon.mean(), at.reconstruction_bound.mean(), "k-o", label="bound on any attack: whole run")
-        epsilons += list(at.epsilon.mean())
+        epsilons += list(at.epsilon.mean().round(1))
     dp = attack[attack.mechanism_name == "dp-sgd"] if "release_bound" in attack else attack.iloc[:0]
     if not dp.empty:
         dp = dp.assign(eps=dp.epsilon.fillna(dp.strength))
@@ -252,8 +253,18 @@ def _risk_panel(ax: plt.Axes, train: pd.DataFrame, attack: pd.DataFrame) -> bool
         ax.plot(at.eps.mean(), at.release_bound.mean(), "k--s", label="bound on any attack: the release attacked")
         for i, (name, group) in enumerate(dp.groupby("attack")):
             at = group.groupby("strength")
-            ax.plot(at.eps.mean(), at.success_rate.mean(), "o", color=f"C{i}", ms=8, label=f"{name}: measured")
-        epsilons += list(dp.eps)
+            ax.plot(at.eps.mean(), at.success.mean(), "o", color=f"C{i}", ms=8, label=f"{name}: share recognisable")
+        epsilons += list(dp.eps.round(1))
+    for i, (dataset, group) in enumerate(prior.groupby("dataset")):
+        group = group.sort_values("epsilon")
+        err = [group.success_rate - group.success_low, group.success_high - group.success_rate]
+        name = (
+            f"prior-aware ({dataset}, its own training: q = {group.sample_rate.iloc[0]:g}, T = {group.steps.iloc[0]:g})"
+        )
+        ax.errorbar(group.epsilon, group.success_rate, yerr=err, color=f"C{i + 5}", marker="D", capsize=3, ls="none",
+                    label=f"{name}: 95 % interval")  # fmt: skip
+        ax.plot(group.epsilon, group.bound, color=f"C{i + 5}", ls=":", label=f"bound on any attack, {name}")
+        epsilons += list(group.epsilon)
     if not epsilons:
         return False
     _log_axis(ax, epsilons)
@@ -269,7 +280,9 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
     ε guarantees against any reconstruction beside the success measured (right)."""
     attack = smallest_batch(study.attack)
     attack = strongest(attack[attack.mechanism_name.isin(PRIVACY_ORDER)])
-    models = sorted(set(study.train.model) | set(attack.model))
+    hits = study.images.assign(hit=study.images.ssim >= cfg.ssim_threshold).groupby("run").hit.mean()
+    attack = attack.assign(success=attack.run.map(hits))
+    models = sorted(set(study.train.model) | set(attack.model) | set(study.prior.model))
     if not models:
         return "_Skipped: no training runs and no attack runs with mechanism none, dp-sgd or regularized._\n"
     fig, axes = plt.subplots(len(models), 4, figsize=(21, 4.2 * len(models)), squeeze=False, layout="constrained")
@@ -281,7 +294,7 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
             _empty(row[0], f"no training runs of {model}\n(uv run train.py --models {model})")
         row[0].set(ylabel="test accuracy", title=f"{model}: utility")
         runs = attack[attack.model == model]
-        for ax, metric in zip(row[1:], ["ssim", "psnr"], strict=True):
+        for ax, metric in zip(row[1:3], ["ssim", "psnr"], strict=True):
             if not _privacy_panel(ax, runs, "mechanism_name", "strength", metric, ["attack", "dataset"], True):
                 _empty(ax, f"no attack runs on {model}\n(uv run gradient_attack.py after uv run train.py)")
                 continue
@@ -290,7 +303,7 @@ def plot_tradeoff(study: Study, cfg: AnalysisConfig) -> str:
             ax.legend(fontsize=7)
         row[1].set(ylabel="final SSIM (1 = exact copy)", title=f"{model}: leakage (SSIM)")
         row[2].set(ylabel="final PSNR (dB)", title=f"{model}: leakage (PSNR)")
-        if _risk_panel(row[3], train, runs):
+        if _risk_panel(row[3], train, runs, study.prior[study.prior.model == model]):
             row[3].legend(fontsize=7)
         else:
             _empty(row[3], f"no DP-SGD runs of {model}")

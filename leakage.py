@@ -39,6 +39,7 @@ from data_sources import DataOptions, DataSplit, image_channels, load_dataset, l
 from defenses import ClientSetup, MechanismSpec, client_update, parse_mechanisms
 from evaluation import RunRecord, finished_reconstructions
 from models import FrozenBackbone, create_model, load_checkpoint
+from prior_study import run_prior_study
 from privacy import epsilon_spent, noise_multiplier_for, poisson_schedule, release_epsilon
 from risk import release_bounds
 
@@ -47,9 +48,13 @@ SUMMARY_COLUMNS = [
     "release_epsilon", "noise_multiplier", "max_grad_norm", "batch_size", "num_images", "iterations", "restarts",
     "loss", "mse", "psnr", "ssim", "mse_std", "psnr_std", "ssim_std", "label_accuracy", "success_rate",
     "recovered_fraction", "feature_cosine", "seconds", "seed", "honest_accuracy", "received_accuracy",
-    "poisoning_detected",
+    "poisoning_detected", "sample_rate", "steps", "trials", "success_low", "success_high",
 ]  # fmt: skip
-DETECTION_COLUMNS = SUMMARY_COLUMNS[-3:]  # the client's check of a malicious server's model (giavmp, rtf)
+DETECTION_COLUMNS = [
+    "honest_accuracy",
+    "received_accuracy",
+    "poisoning_detected",
+]  # the client's check of a malicious server's model (giavmp, rtf)
 TRAIN_RUN_FILES = ("config.json", "metrics.json", "model.safetensors")
 AUTO = "auto"
 
@@ -524,31 +529,45 @@ def victims(cfg: config.AttackConfig) -> list[tuple[Victim, DataSplit]]:
 def results_table(rows: list[dict[str, Any]]) -> str:
     header = ["victim", "attack", "mechanism", "ε (run / release)", "batch", "PSNR (dB)", "SSIM", "label acc.",
               "success", "seconds"]  # fmt: skip
-    eps = lambda r: "--" if r["epsilon"] is None else f"{r['epsilon']:.2f} / {r['release_epsilon']:.2f}"
-    body = [
-        [r["victim"], r["attack"], r["mechanism"], eps(r), r["batch_size"], f"{r['psnr']:.1f} ± {r['psnr_std']:.1f}",
-         f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}", r["label_accuracy"], r["success_rate"], r["seconds"]]
-        for r in rows
-    ]  # fmt: skip
-    return utils.markdown_table(header, body)
+    return utils.markdown_table(header, [result_cells(r) for r in rows])
+
+
+def result_cells(r: dict[str, Any]) -> list:
+    """One row of the results table. A prior-aware row has no images: its success is the share of trials that
+    picked the target, with its 95 % interval, beside the bound on any attack (release_bound)."""
+    if r["attack"] == "prior-aware":
+        success = (
+            f"{r['success_rate']:.2f} ({r['success_low']:.2f}-{r['success_high']:.2f}), bound {r['release_bound']:.2f}"
+        )
+        return [r["victim"], r["attack"], r["mechanism"], f"{r['epsilon']:.2f} / --", "--", "--", "--", "--", success,
+                r["seconds"]]  # fmt: skip
+    eps = "--" if r["epsilon"] is None else f"{r['epsilon']:.2f} / {r['release_epsilon']:.2f}"
+    return [r["victim"], r["attack"], r["mechanism"], eps, r["batch_size"], f"{r['psnr']:.1f} ± {r['psnr_std']:.1f}",
+            f"{r['ssim']:.3f} ± {r['ssim_std']:.3f}", r["label_accuracy"], r["success_rate"], r["seconds"]]  # fmt: skip
 
 
 def run_study(cfg: config.AttackConfig) -> None:
     """Plan every victim's cells (all checks first, DP noise included), run what is unfinished under a lock on
-    the output directory, then rebuild the summaries from the run directories."""
+    the output directory, then rebuild the summaries from the run directories. `--attacks prior-aware` runs
+    its own study of DP-SGD trainings instead (prior_study.py), into the same directory and summary."""
     utils.check_output(cfg.out)
     torch.set_num_threads(cfg.threads)
-    device = utils.pick_device(cfg.device)
-    if cfg.images and not cfg.labels:
-        print("note: --images without --labels: every file is labelled class 0.")
-    cells = [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
     with utils.study_lock(cfg.out):
-        servers: dict = {}
-        for cell in tqdm(cells, desc="leakage study", unit="cell"):
-            run_cell(cfg, cell, device, servers)
+        names = set(run_prior_study(cfg)) if cfg.attacks == ["prior-aware"] else run_cells(cfg)
         rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, results_table, lambda r: release_bounds(r, cfg.prior_size))
-    names = {name for cell in cells for name, _ in cell.runs.values()}
     print(results_table([r for r in rows if r["run"] in names]))
     print(
         f"{len(names)} runs in {cfg.out}/; {cfg.out / 'summary.csv'} and summary.md list all {len(rows)} finished there."
     )
+
+
+def run_cells(cfg: config.AttackConfig) -> set[str]:
+    """Every victim's cells, planned (all checks) before the first runs; the names of their runs."""
+    device = utils.pick_device(cfg.device)
+    if cfg.images and not cfg.labels:
+        print("note: --images without --labels: every file is labelled class 0.")
+    cells = [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
+    servers: dict = {}
+    for cell in tqdm(cells, desc="leakage study", unit="cell"):
+        run_cell(cfg, cell, device, servers)
+    return {name for cell in cells for name, _ in cell.runs.values()}

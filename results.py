@@ -25,11 +25,19 @@ from utils import UsageError, read_json
 
 TRAIN_KEYS = ["run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "accuracy", "precision", "recall"]
 TRAIN_KEYS += ["specificity", "f1", "mcc", "seed"]
-TRAIN_EXTRAS = ["pretrained"]  # newer runs' columns; empty for older ones
+TRAIN_EXTRAS = [
+    "pretrained",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "audit_epsilon",
+]  # empty where a run lacks them
 ATTACK_KEYS = ["run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon"]
 ATTACK_KEYS += ["batch_size", "num_images", "loss", "mse", "psnr", "ssim", "seed"]
 ATTACK_EXTRAS = ["model", "release_epsilon", "noise_multiplier"]  # newer runs' columns; empty for older ones
 IMAGE_KEYS = ["image", "mse", "psnr", "ssim", "label_correct"]
+PRIOR_KEYS = ["run", "model", "dataset", "epsilon", "noise_multiplier", "sample_rate", "steps", "prior_size"]
+PRIOR_KEYS += ["trials", "success_rate", "success_low", "success_high", "bound"]
 TRAJECTORY_COLUMNS = ["image", "iteration", "loss", "ssim"]
 SNAPSHOT_KEYS = ["iterations", "snapshots", "originals"]
 SCENARIO = ["victim", "dataset", "attack"]  # one attack on one model and dataset: figures compare within it
@@ -61,6 +69,7 @@ class Study:
     images: pd.DataFrame  # one row per attacked image of every attack run (metrics.json's per_image)
     trajectories: pd.DataFrame  # every readable trajectory.csv, with the run's name
     problems: list[str] = field(default_factory=list)  # skipped runs and files, for stderr and the report
+    prior: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PRIOR_KEYS))  # prior-aware runs
 
 
 def _run_dirs(study_dir: Path) -> list[Path]:
@@ -158,8 +167,10 @@ def load_study(runs: Path) -> Study:
     """Read every finished run under runs/train and runs/attack; UsageError when there is none at all."""
     problems: list[str] = []
     train = [m for d in _run_dirs(runs / "train") if (m := _read_metrics(d, TRAIN_KEYS, problems))]
-    attack = [m for d in _run_dirs(runs / "attack") if (m := _read_attack_run(d, problems))]
-    if not train and not attack:
+    attack_dirs = _run_dirs(runs / "attack")
+    prior = [m for d in attack_dirs if _prior_aware(d) and (m := _read_metrics(d, PRIOR_KEYS, problems))]
+    attack = [m for d in attack_dirs if not _prior_aware(d) and (m := _read_attack_run(d, problems))]
+    if not train and not attack and not prior:
         skipped = f" Skipped: {' '.join(problems)}" if problems else ""
         raise UsageError(
             f"no finished runs under '{runs}' (looked for {runs}/train/*/metrics.json and "
@@ -187,7 +198,16 @@ def load_study(runs: Path) -> Study:
         images=pd.DataFrame(images, columns=["run", *IMAGE_KEYS]).astype({k: float for k in IMAGE_KEYS}),
         trajectories=pd.concat(trajectories) if trajectories else pd.DataFrame(columns=["run", *TRAJECTORY_COLUMNS]),
         problems=problems,
+        prior=pd.DataFrame(prior, columns=PRIOR_KEYS),
     )
+
+
+def _prior_aware(run_dir: Path) -> bool:
+    """A prior-aware run (prior_study.py): trials of whole trainings, no images."""
+    try:
+        return read_json(run_dir / "metrics.json").get("attack") == "prior-aware"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def with_bounds(study: Study, prior_size: int) -> Study:

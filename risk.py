@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 
 
+MIN_NOISE_MULTIPLIER = 0.3  # below it riskcal's grid needs tens of GB (z = 0.05 asked for 44 GB)
+
+
 @functools.cache
 def reconstruction_bound(noise_multiplier: float, sample_rate: float, steps: int, prior_size: int) -> float:
     """Upper bound on the success probability of any reconstruction attack on one training example under
@@ -31,6 +34,8 @@ def reconstruction_bound(noise_multiplier: float, sample_rate: float, steps: int
     from riskcal.calibration.dpsgd import get_beta_for_dpsgd
 
     kappa = 1.0 / prior_size
+    if noise_multiplier < MIN_NOISE_MULTIPLIER:  # riskcal's privacy-loss grid would not fit in memory
+        return 1.0  # the trivial bound, which is all such little noise allows anyway
     beta = get_beta_for_dpsgd(
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps, alpha=np.array([kappa])
     )
@@ -83,8 +88,10 @@ def run_bounds(row: Mapping[str, Any], prior_size: int) -> dict[str, Any]:
 
 
 def release_bounds(row: Mapping[str, Any], prior_size: int) -> dict[str, Any]:
-    """An attack row's bound columns, for the one attacked release: a Gaussian mechanism on a batch that
-    certainly holds the target (q = 1, T = 1) with the row's noise multiplier. None where no DP noise."""
-    z = row.get("noise_multiplier")
-    bound = (lambda n: reconstruction_bound(float(z), 1.0, 1, n)) if _positive(z) else (lambda n: None)
+    """An attack row's bound columns, for what its attacker observed: one release (q = 1, T = 1: a Gaussian
+    mechanism on a batch that certainly holds the target) for the attacks on a shared update, the whole
+    training (the row's q and T) for the prior-aware attack, which watches every step. None without DP noise."""
+    z, q, steps = row.get("noise_multiplier"), row.get("sample_rate"), row.get("steps")
+    q, steps = (float(q), int(steps)) if _positive(q) and _positive(steps) else (1.0, 1)
+    bound = (lambda n: reconstruction_bound(float(z), q, steps, n)) if _positive(z) else (lambda n: None)
     return {"prior_size": prior_size, "release_bound": bound(10), "release_bound_prior": bound(prior_size)}

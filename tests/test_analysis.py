@@ -3,6 +3,7 @@ points can be checked against known answers."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 import analysis
 import results
 import training
+from risk import reconstruction_bound, run_bounds
 from utils import read_csv, run_cli, write_csv, write_json, write_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +103,8 @@ def make_runs(root: Path, train: bool = True, attack: bool = True) -> Path:
     if train:
         for (privacy, target), accuracy in TRAIN_ACCURACY.items():
             write_train_run(root / "train", privacy, target, accuracy)
-        write_summary(root / "train", training.SUMMARY_COLUMNS, results.benchmark_table)  # as train.py does
+        bounds = functools.partial(run_bounds, prior_size=100)
+        write_summary(root / "train", training.SUMMARY_COLUMNS, results.benchmark_table, bounds)  # as train.py does
     if attack:
         for mechanism, ssim in ATTACK_SSIM.items():
             write_attack_run(root / "attack", mechanism, ssim)
@@ -165,11 +168,12 @@ MODEL = "Model"  # the benchmark's first column: the block's title or the traini
 
 def test_classification_table_holds_the_runs_numbers(full_report):
     _, report = full_report
-    assert "| **Convolutional Neural Network (custom CNN) on faces** |||||||||\n" in report
+    assert "| **Convolutional Neural Network (custom CNN) on faces** ||||||||||\n" in report
     dp8 = table_row(report, **{MODEL: "DP-SGD (ε=8)"})
     assert (dp8["ε"], dp8["ε spent"], dp8["Accuracy"]) == ("8", "7.980", "0.610")  # the accountant's ε, not 8
+    assert dp8["Reconstruction ≤ (1 of 10)"] == f"{reconstruction_bound(1.1, 0.1, 300, 10):.3f}"  # its z, q, T
     plain = table_row(report, **{MODEL: "Traditional Training"})
-    assert plain["ε"] == plain["ε spent"] == "∞"
+    assert plain["ε"] == plain["ε spent"] == "∞" and plain["Reconstruction ≤ (1 of 10)"] == "--"
     assert [plain[k] for k in ["Accuracy", "Precision", "Recall/Sensitivity", "Specificity", "F1", "MCC"]] == [
         "0.900", "0.900", "0.800", "0.950", "0.850", "0.800"
     ]  # fmt: skip
