@@ -552,8 +552,9 @@ def run_study(cfg: config.AttackConfig) -> None:
     its own study of DP-SGD trainings instead (prior_study.py), into the same directory and summary."""
     utils.check_output(cfg.out)
     torch.set_num_threads(cfg.threads)
+    cells = [] if cfg.attacks == ["prior-aware"] else plan_cells(cfg)  # every check before any output
     with utils.study_lock(cfg.out):
-        names = set(run_prior_study(cfg)) if cfg.attacks == ["prior-aware"] else run_cells(cfg)
+        names = set(run_prior_study(cfg)) if cfg.attacks == ["prior-aware"] else run_cells(cfg, cells)
         rows = utils.write_summary(cfg.out, SUMMARY_COLUMNS, results_table, lambda r: release_bounds(r, cfg.prior_size))
     print(results_table([r for r in rows if r["run"] in names]))
     print(
@@ -561,12 +562,16 @@ def run_study(cfg: config.AttackConfig) -> None:
     )
 
 
-def run_cells(cfg: config.AttackConfig) -> set[str]:
-    """Every victim's cells, planned (all checks) before the first runs; the names of their runs."""
-    device = utils.pick_device(cfg.device)
+def plan_cells(cfg: config.AttackConfig) -> list[Cell]:
+    """Every victim's cells, planned with all their checks (DP noise included) before any run."""
     if cfg.images and not cfg.labels:
         print("note: --images without --labels: every file is labelled class 0.")
-    cells = [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
+    return [cell for victim, split in victims(cfg) for cell in plan_victim(cfg, victim, split)]
+
+
+def run_cells(cfg: config.AttackConfig, cells: list[Cell]) -> set[str]:
+    """Run the unfinished cells; the names of all their runs."""
+    device = utils.pick_device(cfg.device)
     servers: dict = {}
     for cell in tqdm(cells, desc="leakage study", unit="cell"):
         run_cell(cfg, cell, device, servers)

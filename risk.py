@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-
 MIN_NOISE_MULTIPLIER = 0.3  # below it riskcal's grid needs tens of GB (z = 0.05 asked for 44 GB)
 
 

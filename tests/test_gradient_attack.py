@@ -20,6 +20,7 @@ import utils
 from defenses import MechanismSpec
 from models import create_model, save_checkpoint
 from privacy import release_epsilon
+from risk import release_bounds
 
 FAST = ["--iterations", "2", "--log-every", "1", "--num-images", "2", "--inversion-steps", "2"]
 RUN_FILES = {"config.json", "metrics.json", "trajectory.csv", "snapshots.npz", "reconstruction.png"}
@@ -40,7 +41,7 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
     args += ["--out", str(out), *FAST]
     assert run_cli(args) == 0
     rows = utils.read_csv(out / "summary.csv")
-    assert list(rows[0]) == leakage.SUMMARY_COLUMNS
+    assert list(rows[0]) == leakage.SUMMARY_COLUMNS + list(release_bounds({}, 100))
     assert {(r["mechanism"], r["batch_size"]) for r in rows} == {
         ("none", "1"),
         ("none", "2"),
