@@ -260,3 +260,15 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(format_number(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def print_measured_tables(tables: dict[int, tuple[str, Callable, list[str]]], numbers: Iterable[int], cfg: Any) -> None:
+    """A benchmark script's output: for each chosen number, `measure(scratch_dir, cfg)` into a titled Markdown
+    table, printed as soon as it is measured (a scratch directory, removed afterwards, holds the runs)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in numbers:
+            title, measure, header = tables[number]
+            rows = measure(Path(tmp), cfg)
+            print(f"\n### {number}. {title}\n\n{markdown_table(header, rows)}", flush=True)

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +138,7 @@ def main() -> None:
     cfg = tyro.cli(BenchConfig)
     if cfg.quick:
         cfg.images = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        for number in cfg.tables:
-            title, measure, header = TABLES[number]
-            rows = measure(Path(tmp), cfg)
-            print(f"\n### {number}. {title}\n\n{utils.markdown_table(header, rows)}", flush=True)
+    utils.print_measured_tables(TABLES, cfg.tables, cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
    against the accountant's ε, with the time the audit adds to the run; beside it, the same audit on ideal
    canary scores drawn from the mechanism itself (no training), the best this audit can show at that setting.
 
-    uv run python bench/risk_bench.py              # everything (~40 min on 2 CPU cores)
+    uv run python bench/risk_bench.py              # everything (~25 min on 2 CPU cores)
     uv run python bench/risk_bench.py --quick      # few trials and epochs, to check it runs
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +145,7 @@ def main() -> None:
     cfg = tyro.cli(BenchConfig)
     if cfg.quick:
         cfg.trials, cfg.epsilons = 5, cfg.epsilons[:2]
-    with tempfile.TemporaryDirectory() as tmp:
-        for number in cfg.tables:
-            title, measure, header = TABLES[number]
-            rows = measure(Path(tmp), cfg)
-            print(f"\n### {number}. {title}\n\n{utils.markdown_table(header, rows)}", flush=True)
+    utils.print_measured_tables(TABLES, cfg.tables, cfg)
 
 
 if __name__ == "__main__":
