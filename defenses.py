@@ -29,12 +29,18 @@ class SharedUpdate:
 
     The protocol is public: which mechanism the clients apply and its settings (the spec's strength, the
     DP-SGD clip norm and noise multiplier, the regularized loss's penalty weight), so an adaptive attacker
-    can model the mechanism (attacks/matching.py). The noise itself is private."""
+    can model the mechanism (attacks/matching.py). The noise itself is private.
+
+    A multi-step (FedAvg) update is carried in the same field: `gradients` then holds (sent weights -
+    returned weights) / lr, the sum of the client's `local_steps` SGD steps over `local_epochs` epochs of its
+    `num_samples` samples in batches of `batch_size`; with one local step it is exactly the gradient."""
 
     gradients: Grads
-    batch_size: int  # samples per client
+    batch_size: int  # samples per client and local step
     lr: float
-    local_steps: int = 1
+    local_steps: int = 1  # > 1: a FedAvg weight update, see below
+    local_epochs: int = 1
+    num_samples: int | None = None  # samples the client holds; None: one batch (gradient mode)
     num_clients: int = 1  # > 1 under secure aggregation: `gradients` is the sum of this many clients' updates
     mechanism: str = "none"  # the spec, name[:strength]
     max_grad_norm: float | None = None  # dp-sgd: the per-sample clip norm C
