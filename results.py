@@ -31,6 +31,7 @@ TRAIN_EXTRAS = [
     "sample_rate",
     "steps",
     "audit_epsilon",
+    "audit_fdp_epsilon",
 ]  # empty where a run lacks them
 ATTACK_KEYS = ["run", "victim", "dataset", "attack", "mechanism", "mechanism_name", "strength", "epsilon"]
 ATTACK_KEYS += ["batch_size", "num_images", "loss", "mse", "psnr", "ssim", "seed"]
@@ -348,6 +349,7 @@ def model_title(row: Mapping[str, Any]) -> str:
 EXTRA_COLUMNS = {
     "reconstruction_bound": "Reconstruction ≤ (1 of 10)",
     "audit_epsilon": "Audit ε ≥ (95 %)",
+    "audit_fdp_epsilon": "f-DP audit ε ≥ (95 %)",
 }
 
 

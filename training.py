@@ -46,7 +46,7 @@ SUMMARY_COLUMNS = [
     "run", "dataset", "model", "privacy", "target_epsilon", "epsilon", "delta", "noise_multiplier",
     "max_grad_norm", "sample_rate", "steps", "epochs", "accuracy", "precision", "recall", "specificity",
     "f1", "mcc", "train_seconds", "samples_per_second", "seed", "pretrained", "audit_canaries", "audit_epsilon",
-    "audit_guesses", "audit_correct",
+    "audit_guesses", "audit_correct", "audit_fdp_epsilon", "audit_fdp_noise_multiplier", "audit_seconds",
 ]  # fmt: skip
 # Opacus' advice for production runs and a PyTorch note on its backward hooks: noise, not news, on every run.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -157,7 +157,8 @@ def fit(
     if cfg.audit_canaries:  # drawn like examples: at Opacus' Poisson rate, or at the plain batches' rate
         rate = loader.sample_rate if engine else min(1.0, cfg.batch_size / len(data.x_train))
         params = [p for p in module.parameters() if p.requires_grad]
-        canaries = GradientCanaries(params, cfg.audit_canaries, cfg.max_grad_norm, rate, cfg.seed + 1)
+        z = optimizer.noise_multiplier if engine else 0.0
+        canaries = GradientCanaries(params, cfg.audit_canaries, cfg.max_grad_norm, rate, z, cfg.seed + 1)
         if engine:
             canaries.attach(optimizer)
 
@@ -214,7 +215,7 @@ def fit(
         "pretrained": cfg.pretrained if run.model in PRETRAINED else None,
     }  # fmt: skip
     if canaries:
-        metrics.update(canaries.audit(optimizer.noise_multiplier if dp else 0.0, cfg.delta))
+        metrics.update(canaries.audit(cfg.delta, cfg.accountant))
     return metrics
 
 
