@@ -157,7 +157,10 @@ def fdp_audit(
         middle = (low + high) / 2
         low, high = (low, middle) if rejected(round(math.exp(middle), 6)) else (middle, high)
     z = round(math.exp(high), 6)
-    return {"audit_fdp_epsilon": epsilon_spent(z, sample_rate, steps, delta, accountant), "audit_fdp_noise_multiplier": z}
+    return {
+        "audit_fdp_epsilon": epsilon_spent(z, sample_rate, steps, delta, accountant),
+        "audit_fdp_noise_multiplier": z,
+    }
 
 
 def ideal_scores(
@@ -182,7 +185,13 @@ class GradientCanaries:
     scores what the server sees on each canary's coordinate, step by step (memory O(M), not O(M·T))."""
 
     def __init__(
-        self, params: list[torch.Tensor], count: int, clip: float, sample_rate: float, noise_multiplier: float, seed: int
+        self,
+        params: list[torch.Tensor],
+        count: int,
+        clip: float,
+        sample_rate: float,
+        noise_multiplier: float,
+        seed: int,
     ) -> None:
         sizes = [p.numel() for p in params]
         if count > sum(sizes):
