@@ -74,23 +74,31 @@ def audit_epsilon(canaries: int, guesses: int, correct: int, delta: float, confi
     return low
 
 
-def guess_counts(scores: np.ndarray, members: np.ndarray) -> list[tuple[int, int]]:
-    """(guesses, correct) for each k of GUESS_FRACTIONS: "member" for the k highest scores, "non-member" for
+def guess_counts(
+    scores: np.ndarray, members: np.ndarray, fractions: tuple[float, ...] = GUESS_FRACTIONS
+) -> list[tuple[int, int]]:
+    """(guesses, correct) for each k / M of `fractions`: "member" for the k highest scores, "non-member" for
     the k lowest. Both audits read these."""
     order = np.argsort(scores)
     counts = []
-    for fraction in GUESS_FRACTIONS:
+    for fraction in fractions:
         k = max(1, int(fraction * len(scores)))
         counts.append((2 * k, int(members[order[-k:]].sum() + (~members[order[:k]]).sum())))
     return counts
 
 
-def guess_audit(scores: np.ndarray, members: np.ndarray, delta: float, confidence: float = 0.95) -> dict:
+def guess_audit(
+    scores: np.ndarray,
+    members: np.ndarray,
+    delta: float,
+    confidence: float = 0.95,
+    fractions: tuple[float, ...] = GUESS_FRACTIONS,
+) -> dict:
     """Steinke et al.'s ε lower bound from canary scores: the best k's bound at the split confidence, with its
     guesses."""
-    level = (1 - confidence) / len(GUESS_FRACTIONS)
+    level = (1 - confidence) / len(fractions)
     best = {"audit_epsilon": 0.0, "audit_guesses": 0, "audit_correct": 0}
-    for guesses, correct in guess_counts(scores, members):
+    for guesses, correct in guess_counts(scores, members, fractions):
         eps = audit_epsilon(len(scores), guesses, correct, delta, 1 - level)
         if eps > best["audit_epsilon"]:
             best = {"audit_epsilon": eps, "audit_guesses": guesses, "audit_correct": correct}
@@ -134,6 +142,7 @@ def fdp_audit(
     delta: float,
     accountant: str,
     confidence: float = 0.95,
+    fractions: tuple[float, ...] = GUESS_FRACTIONS,
 ) -> dict:
     """The f-DP one-run bound from the same guesses as `guess_audit`: the least noise multiplier z* of DP-SGD
     with this q and T whose trade-off curve some k's guesses reject at the split confidence (z* ≥ the run's z
@@ -141,8 +150,8 @@ def fdp_audit(
     even z = 100 stands; the ε of z = 0.3, the least noise riskcal's grid affords, when even that is rejected."""
     from privacy import epsilon_spent
 
-    level = (1 - confidence) / len(GUESS_FRACTIONS)
-    counts = guess_counts(scores, members)
+    level = (1 - confidence) / len(fractions)
+    counts = guess_counts(scores, members, fractions)
 
     def rejected(z: float) -> bool:
         curve = dpsgd_blow_up_inverse(z, sample_rate, steps)

@@ -348,8 +348,8 @@ def model_title(row: Mapping[str, Any]) -> str:
 # Columns the benchmark shows where some run has them: what ε guarantees and what an audit found.
 EXTRA_COLUMNS = {
     "reconstruction_bound": "Reconstruction ≤ (1 of 10)",
-    "audit_epsilon": "Audit ε ≥ (95 %)",
-    "audit_fdp_epsilon": "f-DP audit ε ≥ (95 %)",
+    "audit_epsilon": "Audit ε ≥ (Steinke, 95 %)",
+    "audit_fdp_epsilon": "Audit ε ≥ (f-DP, 95 %)",
 }
 
 
@@ -361,8 +361,8 @@ def benchmark_table(rows: Iterable[Mapping[str, Any]]) -> str:
     DP-SGD from the smallest target ε up, then Explicit Regularization (no formal ε: '--'). Rows of the same
     setting are seeds: several give 'mean ± std' and a Seeds column, one gives plain numbers (so a one-seed
     study prints the table the README shows). ε spent is the accountant's, as each run recorded it; where runs
-    have them, the bound on any reconstruction against 10 candidates (risk.py) and the one-run audit's ε lower
-    bound (audit.py) follow it."""
+    have them, the bound on any reconstruction against 10 candidates (risk.py) and the one-run audits' ε lower
+    bounds (audit.py: Steinke et al.'s and the f-DP one) follow it."""
     rank = {p: i for i, p in enumerate(PRIVACY_ORDER)}
     blocks: dict[tuple[str, str], dict[tuple[str, float | None], list[Mapping[str, Any]]]] = {}
     for row in rows:
