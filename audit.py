@@ -213,7 +213,7 @@ class GradientCanaries:
         starts = np.cumsum([0, *sizes])
         tensor = np.searchsorted(starts, flat, side="right") - 1  # which parameter holds each canary
         # per parameter tensor holding canaries: which canaries, and their offsets in the flattened tensor
-        self.groups = [(t, np.flatnonzero(tensor == t), torch.as_tensor(flat[tensor == t] - starts[t]))
+        self.groups = [(t, torch.as_tensor(np.flatnonzero(tensor == t)), torch.as_tensor(flat[tensor == t] - starts[t]))
                        for t in np.unique(tensor)]  # fmt: skip
         self.members = rng.random(count) < 0.5
         self.clip, self.sample_rate, self.noise_multiplier, self.rng = clip, sample_rate, noise_multiplier, rng
@@ -222,20 +222,20 @@ class GradientCanaries:
     def add(self, grads: list[torch.Tensor], scale: float = 1.0) -> None:
         """Add C·scale on the coordinate of every member this step's Poisson draw includes."""
         drawn = self.members & (self.rng.random(len(self.members)) < self.sample_rate)
+        added = torch.from_numpy(drawn) * (self.clip * scale)
         for t, which, offsets in self.groups:
             flat = grads[t].view(-1)
-            flat[offsets.to(flat.device)] += torch.as_tensor(drawn[which], dtype=flat.dtype, device=flat.device) * (
-                self.clip * scale
-            )
+            flat.index_add_(0, offsets.to(flat.device), added.index_select(0, which).to(flat.device, flat.dtype))
 
     def observe(self, grads: list[torch.Tensor], scale: float = 1.0) -> None:
         """Add this step's evidence of membership to each canary's score: the coordinate the server receives, in
         units of C·scale, through the log-likelihood ratio of the Poisson mixture (1 − q)·N(0, z²) + q·N(1, z²)
         against N(0, z²); without noise, the coordinate itself (the scores are then plain sums)."""
-        row = np.empty(len(self.members))
+        row = torch.empty(len(self.members), dtype=torch.float64)
         for t, which, offsets in self.groups:
             flat = grads[t].detach().reshape(-1)
-            row[which] = flat[offsets.to(flat.device)].cpu().double().numpy()
+            row.index_copy_(0, which, flat.index_select(0, offsets.to(flat.device)).to("cpu", torch.float64))
+        row = row.numpy()
         row /= self.clip * scale
         z = self.noise_multiplier
         self.scores += poisson_log_likelihood_ratio(row, z, self.sample_rate) if z else row
