@@ -11,7 +11,7 @@
    the most either can show at that setting and M;
 4. both audits against the two papers' idealised numbers (10^6 canaries of the Gaussian mechanism at z = 1).
 
-    uv run python bench/risk_bench.py              # everything (~25 min on 2 CPU cores)
+    uv run python bench/risk_bench.py              # everything (tables 3 and 4 alone: 16 min on 2 shared cores)
     uv run python bench/risk_bench.py --quick      # few trials and epochs, to check it runs
 """
 
