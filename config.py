@@ -98,6 +98,12 @@ class TrainConfig:
             raise UsageError(
                 f"--audit-canaries {self.audit_canaries} must lie in [0, {MAX_CANARIES}] (0: no audit; 1000 is typical)."
             )
+        if self.audit_canaries and self.accountant == "gdp":  # a central-limit approximation, not an upper bound
+            raise UsageError(
+                "--audit-canaries with --accountant gdp: an audit checks a lower bound against the accountant's ε, "
+                "and gdp's ε is an approximation that can fall below the true ε (its search also fails at the "
+                "little noise a plain run's audit reaches); use --accountant prv or rdp."
+            )
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise UsageError(
                 f"--epochs {self.epochs} must lie in [1, {MAX_EPOCHS}]: the accountant's work and memory grow with the "

@@ -117,3 +117,8 @@ def test_the_audit_tells_a_plain_run(audited):
     assert float(plain["audit_epsilon"]) > 2 * float(dp["audit_epsilon"])
     assert float(plain["audit_fdp_epsilon"]) > 2 * float(dp["audit_fdp_epsilon"])
     assert plain["reconstruction_bound"] == ""  # no formal guarantee, none invented
+
+
+def test_an_audit_against_the_gdp_approximation_is_refused(tmp_path):
+    with pytest.raises(utils.UsageError, match="--accountant gdp"):
+        config.TrainConfig(audit_canaries=1000, accountant="gdp", out=tmp_path).validate()
