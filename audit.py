@@ -36,8 +36,8 @@ from scipy import stats
 from risk import MIN_NOISE_MULTIPLIER, poisson_log_likelihood_ratio
 from utils import UsageError
 
-# k / M tried, the confidence split among them. Chosen from ideal canary scores of DP-SGD (z = 1, q = 0.024,
-# T = 631) and of the Gaussian mechanism at M = 10^3..10^6: the f-DP bound is best at 0.2-1 %, Steinke et
+# k / M tried, the confidence split among them. Chosen from ideal canary scores of DP-SGD (z = 1, q = 0.023,
+# T = 645) and of the Gaussian mechanism at M = 10^3..10^6: the f-DP bound is best at 0.2-1 %, Steinke et
 # al.'s at 1-5 %; fewer fractions would leave more confidence to each.
 GUESS_FRACTIONS = (0.002, 0.005, 0.01, 0.02, 0.05)
 MAX_NOISE_MULTIPLIER = 100.0  # the most private member of the family the f-DP audit tries to reject
