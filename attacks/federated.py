@@ -19,6 +19,7 @@ its own orders, which matter only through the weight drift within an epoch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from attacks import Attack, Observer, Reconstruction, Trajectory, best_of_restar
 from attacks.labels import last_layer_gradients, mean_prediction
 from attacks.matching import as_shared, client_gradient, gradient_distances
 from attacks.optimization import RECIPES, invert
-from defenses import Grads, SharedUpdate
+from defenses import ClientSetup, Grads, MechanismSpec, SharedUpdate, client_update
 
 if TYPE_CHECKING:
     from config import AttackConfig
@@ -275,3 +276,93 @@ ATTACKS = {
         description="Data Leakage in FedAvg: per-epoch dummy data, epoch-order prior, label counts",
     ),
 }
+
+
+# --- DMGAN: a malicious client's generator against the global model ------------------------------------------
+
+
+@dataclass
+class GanAttacker:
+    """The malicious client of Deep Models Under the GAN (Hitaj et al. 2017): it wants representatives of a class
+    it does not hold (`target`). The shared classifier has one class more than the data, `fake`, which no honest
+    client ever labels; the global model is the discriminator. Every round the attacker trains its generator
+    until the current global model takes the generated images for the target class, then trains locally on its
+    own data plus generated images labelled `fake`, so the next global model must tell them apart from the real
+    target class, which the victims' updates teach it: the generator is pushed toward the victims' images."""
+
+    generator: nn.Module
+    target: int
+    fake: int
+    latent: int = 32
+    generator_steps: int = 100  # generator updates per round
+    generator_lr: float = 1e-3
+    fakes: int = 32  # generated images it trains on, labelled fake, per round
+    batch_size: int = 64  # generated images per generator step
+    seed: int = 0
+    rounds: int = 0  # rounds taken part in, which seed each round's draws
+
+
+def gan_attacker(
+    input_shape: tuple[int, ...], target: int, fake: int, latent: int = 32, seed: int = 0, **settings
+) -> GanAttacker:
+    """A fresh attacker whose generator maps `latent` Gaussian noise to images in [0, 1] (a small MLP)."""
+    torch.manual_seed(seed)
+    generator = nn.Sequential(
+        nn.Linear(latent, 256),
+        nn.ReLU(),
+        nn.Linear(256, 512),
+        nn.ReLU(),
+        nn.Linear(512, math.prod(input_shape)),
+        nn.Sigmoid(),
+        nn.Unflatten(1, input_shape),
+    )
+    return GanAttacker(generator, target, fake, latent, seed=seed, **settings)
+
+
+def generate(attacker: GanAttacker, count: int, seed: int | None = None) -> torch.Tensor:
+    """`count` images from the generator (seeded draws of the latent noise), without gradients."""
+    device = next(attacker.generator.parameters()).device
+    generator = torch.Generator().manual_seed(attacker.seed if seed is None else seed)
+    with torch.no_grad():
+        return attacker.generator(torch.randn(count, attacker.latent, generator=generator).to(device))
+
+
+def train_generator(attacker: GanAttacker, global_model: nn.Module) -> float:
+    """The generator's half of the game for one round: Adam steps that make the (frozen) global model classify
+    generated images as the target class. Returns the model's final mean confidence in the target on them."""
+    device = next(global_model.parameters()).device
+    attacker.generator.to(device).train()
+    optimizer = torch.optim.Adam(attacker.generator.parameters(), lr=attacker.generator_lr, betas=(0.5, 0.999))
+    noise = torch.Generator().manual_seed(attacker.seed * 7919 + attacker.rounds)
+    target = torch.full((attacker.batch_size,), attacker.target, device=device)
+    for _ in range(attacker.generator_steps):
+        z = torch.randn(attacker.batch_size, attacker.latent, generator=noise).to(device)
+        logits = functional_call(
+            global_model, {k: v.detach() for k, v in global_model.state_dict().items()}, (attacker.generator(z),)
+        )
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(logits.detach().softmax(1)[:, attacker.target].mean())
+
+
+def dmgan_update(
+    attacker: GanAttacker,
+    global_model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    setup: ClientSetup,
+    epochs: int = 1,
+    batch_size: int = 32,
+) -> SharedUpdate:
+    """The malicious client's turn in a FedAvg round: train the generator against the global model it received,
+    then train locally (defenses.client_update, as an honest client would) on its own images plus
+    `attacker.fakes` generated ones labelled `fake`; the update is what it sends the server."""
+    train_generator(attacker, global_model)
+    fakes = generate(attacker, attacker.fakes, seed=attacker.seed * 104729 + attacker.rounds)
+    attacker.rounds += 1
+    x = torch.cat([images, fakes.to(images.device)])
+    y = torch.cat([labels, torch.full((len(fakes),), attacker.fake, dtype=labels.dtype, device=labels.device)])
+    local = replace(setup, seed=setup.seed + attacker.rounds)
+    return client_update(global_model, x, y, MechanismSpec("none", None), local, epochs=epochs, batch_size=batch_size)
