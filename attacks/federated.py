@@ -33,7 +33,7 @@ from attacks import Attack, Observer, Reconstruction, Trajectory, best_of_restar
 from attacks.labels import last_layer_gradients, mean_prediction
 from attacks.matching import as_shared, client_gradient, gradient_distances
 from attacks.optimization import RECIPES, invert
-from defenses import ClientSetup, Grads, MechanismSpec, SharedUpdate, client_update
+from defenses import ClientSetup, Grads, MechanismSpec, SharedUpdate, client_update, trainable_parameters
 
 if TYPE_CHECKING:
     from config import AttackConfig
@@ -179,10 +179,32 @@ def simulated_update(
 @dataclass(frozen=True)
 class LocalRecipe:
     per_epoch: bool  # dlf: one set of dummy images per epoch, tied by the epoch-order prior
-    lr: float = 0.1
+    lr: float = 0.1  # signed Adam on pixels (Inverting Gradients' rate)
+    span_lr: float = 0.3  # plain Adam on the coefficients in the input span (1 step, 5 digits: 28 dB, 23.7 signed)
     tv_weight: float = 1e-2
     order_weight: float = 0.0  # weight of the epoch-order prior (dlf)
     adaptive: bool = True
+    span: bool = True  # search the images in the span of the first layer's update where it is a dense layer
+
+
+BOX_WEIGHT = 10.0  # weight of the clip prior on pixels outside [0, 1] when the images live in the input span
+
+
+def input_span(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], count: int) -> torch.Tensor | None:
+    """Where the first layer is a dense layer on the pixels (an MLP): an orthonormal basis (count, pixels) of
+    the span of its update's rows, which holds every sample the client trained on. Each local step adds
+    sum_i delta_i x_i^T to that layer's weight, so however many steps the client took, its update is D X for
+    the samples X (n, pixels): its top `count` right singular vectors span them (exactly without noise, the
+    least-squares span with it). None where the first layer is not dense on the pixels or is narrower than
+    the samples (then the span does not pin them down)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    pixels = math.prod(input_shape)
+    if not isinstance(first, nn.Linear) or first.in_features != pixels or not first.weight.requires_grad:
+        return None
+    weight = update.gradients[[id(p) for p in trainable_parameters(model)].index(id(first.weight))]
+    if weight.shape[0] < count:
+        return None
+    return torch.linalg.svd(weight.detach().double(), full_matrices=False)[2][:count].float()
 
 
 def epoch_order_prior(images: torch.Tensor) -> torch.Tensor:
@@ -210,29 +232,41 @@ def invert_local(
     views = update.local_epochs if recipe.per_epoch else 1
     orders = epoch_orders(update, cfg.seed)
     starts = [torch.Generator().manual_seed(cfg.seed * 1000 + r) for r in range(cfg.restarts)]
-    draws = torch.stack([torch.rand((1, count, *input_shape), generator=g) for g in starts])
-    images = draws.expand(-1, views, *[-1] * (draws.dim() - 2)).clone().to(device).requires_grad_()
+    draws = torch.stack([torch.rand((1, count, *input_shape), generator=g) for g in starts]).to(device)
+    draws = draws.expand(-1, views, *[-1] * (draws.dim() - 2))
+    basis = input_span(model, update, input_shape, count) if recipe.span else None
+    if basis is None:  # the pixels themselves
+        variables = draws.clone().requires_grad_()
+        pixels = lambda: variables
+    else:  # coefficients in the span; the pixels they give (before the box) are the images
+        basis = basis.to(device)
+        variables = (draws.flatten(3) @ basis.T).requires_grad_()
+        pixels = lambda: (variables @ basis).view(*draws.shape)
     target = tuple(g.to(device) for g in update.gradients)
 
     def objective() -> torch.Tensor:
+        images = pixels()
         simulated = [simulated_update(model, x, labels, update, orders, recipe.adaptive) for x in images]
         candidate = tuple(torch.stack(g) for g in zip(*simulated, strict=True))
         shared = as_shared(candidate, target, update, recipe.adaptive)
         losses = gradient_distances(shared, target, "cosine")
         losses = losses + recipe.tv_weight * torch.stack([total_variation(x.flatten(0, 1)) for x in images])
+        if basis is not None:  # DLF's clip prior: the span holds pixels outside [0, 1], the client does not
+            losses = losses + BOX_WEIGHT * (images - images.clamp(0, 1)).pow(2).flatten(1).mean(1)
         if recipe.order_weight and views > 1:
             losses = losses + recipe.order_weight * epoch_order_prior(images)
         return losses
 
-    optimizer = torch.optim.Adam([images], lr=recipe.lr)
+    optimizer = torch.optim.Adam([variables], lr=recipe.lr if basis is None else recipe.span_lr)
     milestones = [int(cfg.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     trajectories = [Trajectory(cfg.iterations, cfg.log_every) for _ in range(cfg.restarts)]
     final = labels.cpu()
 
     def log(iteration: int, losses: torch.Tensor) -> None:
+        images = pixels().detach()
         for r, trajectory in enumerate(trajectories):
-            trajectory.log(iteration, images[r].detach().mean(0), final, float(losses[r]))
+            trajectory.log(iteration, images[r].mean(0), final, float(losses[r]))
 
     for iteration in range(cfg.iterations + 1):
         optimizer.zero_grad()
@@ -244,13 +278,16 @@ def invert_local(
         if iteration == cfg.iterations:
             break
         losses.sum().backward()
-        images.grad.sign_()
+        if basis is None:  # pixels: IG's signed steps; the span's few coefficients converge better unsigned
+            variables.grad.sign_()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            images.clamp_(0, 1)
+        if basis is None:
+            with torch.no_grad():
+                variables.clamp_(0, 1)
+    images = pixels().detach().clamp(0, 1)
     results = [
-        (Reconstruction(images[r].detach().mean(0), final, float(losses[r].detach())), trajectories[r])
+        (Reconstruction(images[r].mean(0), final, float(losses[r].detach())), trajectories[r])
         for r in range(cfg.restarts)
     ]
     return best_of_restarts(results, observe)
