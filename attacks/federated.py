@@ -3,18 +3,25 @@
 - `ig-weight` treats the update as one scaled gradient of all the client's samples (its mean step) and runs
   Inverting Gradients on it (attacks/optimization.py): the baseline that ignores the local training.
 - `ig-multi` (Geiping et al. 2020, section 6) simulates the client's local training on dummy data, one
-  differentiable unrolled SGD run (torch.func), and matches the simulated update to the shared one by cosine,
-  with the total-variation prior.
+  differentiable unrolled SGD run, and matches the simulated update to the shared one by cosine, with the
+  total-variation prior.
 - `dlf` (Dimitrov et al. 2022, Data Leakage in Federated Averaging) keeps one set of dummy images per epoch
   (each epoch sees the client's images in another order, so each epoch's set may settle on its own), ties the
   sets together with the epoch-order prior (the distance of every epoch's copy of a sample to their mean) and
-  answers with the mean; the label counts come from the update itself (label_counts).
+  answers with the mean.
+Both simulations use the label counts read off the update (label_counts, DLF's estimate at interpolated
+weights), and on an MLP search the images in the span of the first layer's update (input_span), which holds
+every sample whatever the number of local steps, under DLF's clip prior.
 
-Both simulations model what the server knows of the protocol (adaptive, as attacks/matching.py does for one
-gradient): the number of epochs and batches, the learning rate, DP-SGD's per-sample clipping in every step,
-the mechanism's effect on the shared update (matching.as_shared), and under secure aggregation the sum over
-the round's clients, each training on its own samples. The client's shuffling is private: the simulation draws
-its own orders, which matter only through the weight drift within an epoch.
+They model what the server knows of the protocol (adaptive, as attacks/matching.py does for one gradient):
+the number of epochs and batches, the learning rate, DP-SGD's per-sample clipping in every step, the
+mechanism's effect on the shared update (matching.as_shared), and under secure aggregation the sum over the
+round's clients, each training on its own samples. The client's shuffling is private: the simulation draws its
+own orders, which matter only through the weight drift within an epoch.
+
+`dmgan` (Hitaj et al. 2017, Deep Models Under the GAN) is a malicious client, not a server: GanAttacker and
+dmgan_update give its turn in each FedAvg round (usable by a federation or a simulated one, as the benchmark
+does); it produces images of a class it does not hold.
 """
 
 from __future__ import annotations

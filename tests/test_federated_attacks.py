@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks import ATTACKS
-from attacks.federated import dmgan_update, gan_attacker, generate, label_counts
+from attacks.federated import dmgan_update, epoch_orders, gan_attacker, generate, label_counts, simulated_update
 from defenses import ClientSetup, MechanismSpec, client_update, trainable_parameters
 from models import MLP
 
@@ -55,6 +55,24 @@ def test_local_training_equals_a_torch_sgd_loop():
     for shared, sent, returned in zip(update.gradients, model.parameters(), trained.parameters(), strict=True):
         torch.testing.assert_close(shared, (sent - returned).detach() / setup.lr, atol=1e-5, rtol=1e-4)
     assert not torch.equal(update.gradients[0], client_update(model, x, y, NONE, setup).gradients[0])
+
+
+@pytest.mark.parametrize("mechanism", [NONE, MechanismSpec("dp-sgd", 8.0)])
+def test_the_attackers_simulation_reproduces_the_clients_update(mechanism):
+    """Given the true samples, the attacker's simulation of the local training (three epochs of one full batch,
+    so the private shuffling cannot matter) gives the shared update; under DP-SGD without noise it models the
+    per-sample clipping, which the plain simulation does not."""
+    model = tiny_model()
+    x, y = smooth_images(4, 7), torch.tensor([0, 1, 2, 1])
+    setup = ClientSetup(lr=0.5, max_grad_norm=0.05, noise_multiplier=0.0)
+    update = client_update(model, x, y, mechanism, setup, epochs=3, batch_size=4)
+    orders = epoch_orders(update, seed=0)
+    simulated = simulated_update(model, x[None], y, update, orders)
+    for s, g in zip(simulated, update.gradients, strict=True):
+        torch.testing.assert_close(s.detach(), g, atol=1e-5, rtol=1e-4)
+    if mechanism.name == "dp-sgd":
+        plain = simulated_update(model, x[None], y, update, orders, adaptive=False)
+        assert not torch.allclose(plain[0].detach(), update.gradients[0], atol=1e-3)
 
 
 def test_one_local_step_is_the_gradient_and_ig_weight_is_ig():
