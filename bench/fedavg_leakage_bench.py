@@ -39,7 +39,7 @@ MECHANISMS = ["none", "dp-sgd:8", "dp-fedavg:1", "secagg:2"]
 class BenchConfig:
     model: str = "mlp"  # the victim, fresh on digits
     steps: tuple[int, ...] = (1, 2, 5, 10, 20, 100)  # local SGD steps (table 1), without a defense
-    defended_steps: tuple[int, ...] = (1, 2, 5, 10)  # ... and under each defense
+    defended_steps: tuple[int, ...] = (1, 2, 5, 10)  # ... and under each defense (dlf; ig-weight only undefended)
     iterations: int = 100  # attack iterations per client (few: the 2-core budget; the loss flattens by then)
     restarts: int = 1
     rounds: int = 20  # DMGAN: FedAvg rounds (table 3)
@@ -58,7 +58,7 @@ def attack(out: Path, cfg: BenchConfig, steps: int, attacks: list[str], mechanis
     """gradient_attack.py on one client holding 5 x batches digits; the metrics.json of each run, with the
     local steps and recovered share added."""
     epochs, batches = local_work(steps)
-    run_dir = out / f"steps{steps}"
+    run_dir = out / f"steps{steps}-{'-'.join(attacks)}"
     args = ["--model", cfg.model, "--dataset", "digits", "--batch-sizes", "5", "--num-images", str(5 * batches)]
     args += ["--local-epochs", str(epochs), "--local-batches", str(batches), "--attacks", *attacks]
     args += ["--mechanisms", *mechanisms, "--iterations", str(cfg.iterations), "--restarts", str(cfg.restarts)]
@@ -80,7 +80,7 @@ def leakage_vs_steps(out: Path, cfg: BenchConfig) -> list[list]:
     runs = []
     for steps in sorted({*cfg.steps, *cfg.defended_steps}):
         mechanisms = [m for m in MECHANISMS if steps in (cfg.steps if m == "none" else cfg.defended_steps)]
-        runs += attack(out, cfg, steps, ["dlf", "ig-weight"], mechanisms)
+        runs += attack(out, cfg, steps, ["dlf"], mechanisms) + attack(out, cfg, steps, ["ig-weight"], ["none"])
     frame = pd.DataFrame(runs)
     frame["attack"] = pd.Categorical(frame.attack, ["dlf", "ig-weight"])
     frame = frame.sort_values(["attack", "local_steps"])
