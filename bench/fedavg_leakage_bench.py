@@ -85,7 +85,7 @@ def leakage_vs_steps(out: Path, cfg: BenchConfig) -> list[list]:
     frame["attack"] = pd.Categorical(frame.attack, ["dlf", "ig-weight"])
     frame = frame.sort_values(["attack", "local_steps"])
     frame["attack"] = frame.attack.astype(str)
-    plot_fedavg_leakage(frame[["local_steps", "mechanism", "attack", "recovered"]], cfg.figure)
+    plot_fedavg_leakage(frame[["local_steps", "mechanism", "attack", "recovered", "psnr"]], cfg.figure)
     print(f"figure: {cfg.figure}")
     return [
         [r.local_steps, r.mechanism, r.attack, r.num_images, r.psnr, r.recovered, r.label_accuracy, r.seconds]
