@@ -397,7 +397,7 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
     counts = {b: images_per_run(cfg, b * cfg.local_batches, len(split.x_train)) for b in cfg.batch_sizes}
     data = private_data(cfg, split, max(counts.values()))
     mechanisms = victim_mechanisms(cfg, victim)
-    check_mechanisms(mechanisms, victim, split, cfg.batch_sizes, len(data.exclude))
+    check_mechanisms(mechanisms, victim, split, [b * cfg.local_batches for b in cfg.batch_sizes], len(data.exclude))
     attacks = victim_attacks(cfg, victim)
     for attack in attacks:
         if attack != AUTO and ATTACKS[attack].check:
