@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 from attacks import ATTACKS
 from attacks.federated import dmgan_update, epoch_orders, gan_attacker, generate, label_counts, simulated_update
 from defenses import ClientSetup, MechanismSpec, client_update, trainable_parameters
 from models import MLP
+from utils import UsageError
 
 NONE = MechanismSpec("none", None)
 SHAPE = (1, 6, 6)
@@ -146,3 +148,17 @@ def test_attacks_never_import_the_evaluation():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & {"evaluation", "metrics"}, path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--local-epochs", "0"], "--local-epochs 0"),
+        (["--local-batches", "4"], "cannot read"),  # the default attack (auto) reads one gradient, not FedAvg
+        (["--local-epochs", "2", "--attacks", "dlf", "ig"], "ig cannot read"),
+    ],
+)
+def test_local_options_are_checked_before_any_work(args, message):
+    with pytest.raises(UsageError, match=message):
+        config.parse(config.AttackConfig, args)
+    config.parse(config.AttackConfig, ["--local-epochs", "2", "--attacks", "dlf", "ig-multi", "ig-weight"])
