@@ -171,12 +171,16 @@ class AttackConfig:
     none and each gradient defense, a DP-SGD run dp-sgd at its own ε, a regularized run regularized), and the
     whole default grid for the demonstration victim"""
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
-    """auto, or any of fc-readout ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf. auto runs every honest
-    attack that applies to the victim (fc-readout, ig, and idlg on smooth networks; fc-readout alone on a
-    frozen backbone's head), each in its own run, and keeps per batch the one whose reconstruction best explains
+    """auto, or any of fc-readout ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf, and on a FedAvg update
+    (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that applies to the
+    victim (fc-readout, ig, and idlg on smooth networks; fc-readout alone on a frozen backbone's head), each in its own run, and keeps per batch the one whose reconstruction best explains
     the shared update. prior-aware (alone) watches DP-SGD train a fresh model and picks the target among 10
     candidates, --trials times per ε: the attack that shows whether the bound on any attack is tight"""
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
+    local_epochs: int = 1
+    """attack a FedAvg client's weight update instead of one gradient: its local epochs of SGD over its
+    --local-batches x batch-size images (with --attacks ig-weight ig-multi dlf)"""
+    local_batches: int = 1  # ... and the batches of --batch-size images it holds (local steps: epochs x batches)
     restarts: int = 1  # random initialisations per batch (one batched optimisation); the best match is kept
     log_every: int = 10  # iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success (recognisable)
@@ -274,6 +278,21 @@ class AttackConfig:
             raise UsageError(f"--num-classes {self.num_classes} must be at least 2.")
         if self.num_images < 1:
             raise UsageError(f"--num-images {self.num_images} must be at least 1.")
+        if self.local_epochs < 1 or self.local_batches < 1:
+            raise UsageError(
+                f"--local-epochs {self.local_epochs} and --local-batches {self.local_batches} must be at least 1 "
+                "(1 and 1: one gradient step, the default; e.g. 10 and 10 for Dimitrov et al.'s FedAvg setting)."
+            )
+        if self.local_epochs * self.local_batches > 1:
+            from attacks.federated import ATTACKS as FEDAVG_ATTACKS
+
+            wrong = [a for a in self.attacks if a not in FEDAVG_ATTACKS]
+            if wrong:
+                raise UsageError(
+                    f"--local-epochs {self.local_epochs} --local-batches {self.local_batches} make the client share a "
+                    f"FedAvg weight update, which {' '.join(wrong)} cannot read; use --attacks "
+                    f"{' '.join(FEDAVG_ATTACKS)} (or drop the local options for one gradient step)."
+                )
         if self.iterations is not None and self.iterations < 1:
             raise UsageError(f"--iterations {self.iterations} must be at least 1.")
         if self.restarts < 1:

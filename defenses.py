@@ -1,12 +1,15 @@
-"""The client side of the threat model: what a client shares after one local step on its private batch.
+"""The client side of the threat model: what a client shares after its local work on its private samples,
+one local step (gradient mode) or a FedAvg client's epochs of local SGD.
 
-`client_update` is the only function here that touches the private images; what it returns, a
-`SharedUpdate`, is all an attack (attacks/) ever sees. Every mechanism is one function in MECHANISMS,
-named on the command line as `name[:strength]` (sweeps: `name:a,b,c`).
+`client_update` (with `local_training`, the local SGD loop it runs) is the only code here that touches the
+private images; what it returns, a `SharedUpdate`, is all an attack (attacks/) ever sees. Every mechanism is
+one entry of MECHANISMS (how each step's gradient is computed, what is done to the finished update), named
+on the command line as `name[:strength]` (sweeps: `name:a,b,c`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +46,9 @@ class SharedUpdate:
     num_samples: int | None = None  # samples the client holds; None: one batch (gradient mode)
     num_clients: int = 1  # > 1 under secure aggregation: `gradients` is the sum of this many clients' updates
     mechanism: str = "none"  # the spec, name[:strength]
-    max_grad_norm: float | None = None  # dp-sgd: the per-sample clip norm C
-    noise_multiplier: float | None = None  # dp-sgd: z, noise std z * C on the summed clipped gradients
+    max_grad_norm: float | None = None  # dp-sgd: the per-sample clip norm C; dp-fedavg: the weight update's
+    noise_multiplier: float | None = None  # dp-sgd: z, noise std z * C on the summed clipped gradients (dp-fedavg:
+    # on the clipped weight update)
     kappa: float = 0.0  # regularized: the penalty weight (lr * reg_sigma)^2
 
     @property
@@ -173,30 +177,40 @@ def regularized_gradients(model: nn.Module, images: torch.Tensor, labels: torch.
     return tuple(g.detach() for g in torch.autograd.grad(loss, trainable_parameters(model)))
 
 
+def dp_fedavg(grads: Grads, noise_multiplier: float, setup: ClientSetup, generator: torch.Generator) -> Grads:
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018, as Flower's fixed-clipping wrappers do it): the
+    client's weight update lr * sum(g) clipped to total norm C = max_grad_norm, Gaussian noise of std z * C
+    added, returned in gradient units. It is the release of a round the victim is alone in: with more
+    clients the same noise covers their sum, so this is the most an attacker can see of one client."""
+    delta = [setup.lr * g for g in grads]
+    norm = torch.sqrt(sum(d.pow(2).sum() for d in delta))
+    factor = (setup.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+    std = noise_multiplier * setup.max_grad_norm
+    return tuple((factor * d + std * _randn_like(d, generator)) / setup.lr for d in delta)
+
+
 @dataclass(frozen=True)
 class Mechanism:
-    """How one mechanism checks its strength and turns (model, batch) into shared gradients."""
+    """One mechanism: how the client computes each local step's gradient (`step`), what it does to its
+    finished update before sharing it (`share`), and how its strength is checked. In gradient mode the
+    update is one step; a FedAvg client shares the sum of its local steps (local_training)."""
 
-    apply: Callable[..., Grads]  # (model, images, labels, strength, setup, generator, others) -> gradients
+    step: Callable[..., Grads]  # (model, images, labels, setup, generator) -> one step's gradient
+    share: Callable[..., Grads] | None  # (gradients, strength, setup, generator) -> what is shared
     default: float | None  # strength when the spec names none
     check: Callable[[float], bool] | None  # None: the mechanism takes no strength
     allowed: str  # the valid range, for error messages
 
 
+def _plain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, setup: ClientSetup, generator) -> Grads:
+    return batch_gradients(model, images, labels)
+
+
 def _transform(fn: Callable[..., Grads], with_generator: bool = False) -> Callable[..., Grads]:
-    def apply(model, images, labels, strength, setup, generator, others) -> Grads:
-        grads = batch_gradients(model, images, labels)
+    def share(grads, strength, setup, generator) -> Grads:
         return fn(grads, strength, generator) if with_generator else fn(grads, strength)
 
-    return apply
-
-
-def _secure_aggregation(model, images, labels, strength, setup, generator, others) -> Grads:
-    """The sum of the victim's update and N-1 other clients' updates (their batches are in `others`)."""
-    total = list(batch_gradients(model, images, labels))
-    for x, y in others:
-        total = [t + g for t, g in zip(total, batch_gradients(model, x, y), strict=True)]
-    return tuple(total)
+    return share
 
 
 def _is_int(value: float) -> bool:
@@ -204,23 +218,27 @@ def _is_int(value: float) -> bool:
 
 
 MECHANISMS: dict[str, Mechanism] = {
-    "none": Mechanism(lambda m, x, y, s, setup, gen, o: batch_gradients(m, x, y), None, None, "no strength"),
+    "none": Mechanism(_plain, None, None, None, "no strength"),
     "dp-sgd": Mechanism(
-        lambda m, x, y, s, setup, gen, o: dp_sgd_gradients(m, x, y, setup, gen),
+        lambda m, x, y, setup, gen: dp_sgd_gradients(m, x, y, setup, gen),
+        None,
         None,
         lambda v: 0 < v <= PRV_MAX_EPSILON,
         f"ε in (0, {PRV_MAX_EPSILON:g}] (above it the guarantee is vacuous and the prv accountant's noise search breaks down)",
     ),
     "regularized": Mechanism(
-        lambda m, x, y, s, setup, gen, o: regularized_gradients(m, x, y, setup.kappa), None, None, "no strength"
+        lambda m, x, y, setup, gen: regularized_gradients(m, x, y, setup.kappa), None, None, None, "no strength"
     ),
-    "prune": Mechanism(_transform(prune), 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "prune": Mechanism(_plain, _transform(prune), 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "quantize": Mechanism(
-        _transform(quantize), 4, lambda v: 1 <= v <= 32 and _is_int(v), "an integer number of bits in [1, 32]"
+        _plain, _transform(quantize), 4, lambda v: 1 <= v <= 32 and _is_int(v), "an integer number of bits in [1, 32]"
     ),
-    "noise": Mechanism(_transform(add_noise, with_generator=True), 0.01, lambda v: v >= 0, "a std sigma >= 0"),
-    "topk": Mechanism(_transform(top_k), 0.1, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "secagg": Mechanism(_secure_aggregation, 10, lambda v: v >= 2 and _is_int(v), "an integer number of clients >= 2"),
+    "noise": Mechanism(_plain, _transform(add_noise, with_generator=True), 0.01, lambda v: v >= 0, "a std sigma >= 0"),
+    "topk": Mechanism(_plain, _transform(top_k), 0.1, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "secagg": Mechanism(_plain, None, 10, lambda v: v >= 2 and _is_int(v), "an integer number of clients >= 2"),
+    "dp-fedavg": Mechanism(
+        _plain, dp_fedavg, 1.0, lambda v: v >= 0, "a noise multiplier z >= 0 (noise std z * C on the clipped update)"
+    ),
 }
 
 
@@ -260,6 +278,38 @@ def parse_mechanisms(specs: list[str]) -> list[MechanismSpec]:
     return list(dict.fromkeys(parsed))  # drop repeats, keep order
 
 
+def local_training(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    step: Callable[..., Grads],
+    setup: ClientSetup,
+    generator: torch.Generator,
+    epochs: int = 1,
+    batch_size: int | None = None,
+) -> Grads:
+    """The client's local work: `epochs` passes of plain SGD (learning rate setup.lr) over its samples,
+    reshuffled every epoch (the order stays private), in batches of `batch_size` (the last one smaller if
+    it does not divide), each step's gradient computed by `step`. Returns the sum of the step gradients,
+    (sent weights - returned weights) / lr; one step (the default) is exactly that step's gradient and
+    leaves the model untouched. Trains a copy: the sent model stays as it was."""
+    batch_size = batch_size or len(images)
+    if epochs == 1 and batch_size >= len(images):
+        return step(model, images, labels, setup, generator)
+    local = copy.deepcopy(model)
+    params = trainable_parameters(local)
+    total = [torch.zeros_like(p) for p in params]
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator).to(images.device)
+        for batch in order.split(batch_size):
+            grads = step(local, images[batch], labels[batch], setup, generator)
+            with torch.no_grad():
+                for p, g, t in zip(params, grads, total, strict=True):
+                    p -= setup.lr * g
+                    t += g
+    return tuple(total)
+
+
 def client_update(
     model: nn.Module,
     images: torch.Tensor,
@@ -267,24 +317,39 @@ def client_update(
     mechanism: MechanismSpec,
     setup: ClientSetup,
     others: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    epochs: int = 1,
+    batch_size: int | None = None,
 ) -> SharedUpdate:
-    """One local step of the client on its private batch, passed through `mechanism`. `others` are the
-    other clients' batches, used only by secure aggregation (N-1 of them)."""
+    """What the client shares after its local work on its private samples under `mechanism`: by default one
+    step on them as one batch (gradient mode); with `epochs` and `batch_size`, a FedAvg client's weight
+    update (local_training). `others` are the other clients' samples, used only by secure aggregation (N-1
+    of them, each training the same way): the server then sees the sum of all the clients' updates."""
     mech = MECHANISMS[mechanism.name]
     clients = int(mechanism.strength) if mechanism.name == "secagg" else 1
     others = others or []
     if len(others) != clients - 1:
         raise ValueError(f"{mechanism.spec} needs {clients - 1} other clients' batches, got {len(others)}")
     generator = torch.Generator().manual_seed(setup.seed)
-    grads = mech.apply(model, images, labels, mechanism.strength, setup, generator, others)
-    dp = mechanism.name == "dp-sgd"
+    batch_size = min(batch_size or len(images), len(images))
+    grads = [torch.zeros_like(p) for p in trainable_parameters(model)]
+    for x, y in [(images, labels), *others]:
+        local = local_training(model, x, y, mech.step, setup, generator, epochs, batch_size)
+        grads = [t + g for t, g in zip(grads, local, strict=True)]
+    if mech.share:
+        grads = mech.share(tuple(grads), mechanism.strength, setup, generator)
+    clipped = mechanism.name in ("dp-sgd", "dp-fedavg")
     return SharedUpdate(
         gradients=tuple(g.detach() for g in grads),
-        batch_size=len(images),
+        batch_size=batch_size,
         lr=setup.lr,
+        local_steps=epochs * math.ceil(len(images) / batch_size),
+        local_epochs=epochs,
+        num_samples=None if batch_size == len(images) and epochs == 1 else len(images),
         num_clients=clients,
         mechanism=mechanism.spec,
-        max_grad_norm=setup.max_grad_norm if dp else None,
-        noise_multiplier=setup.noise_multiplier if dp else None,
+        max_grad_norm=setup.max_grad_norm if clipped else None,
+        noise_multiplier=(setup.noise_multiplier if mechanism.name == "dp-sgd" else mechanism.strength)
+        if clipped
+        else None,
         kappa=setup.kappa if mechanism.name == "regularized" else 0.0,
     )

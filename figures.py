@@ -384,3 +384,28 @@ def plot_batch_size(study: Study, cfg: AnalysisConfig) -> str:
             ax.set(title=scenario_title(scenario), xlabel="batch size (images per shared update, log scale)")
             ax.legend(fontsize=7)
     return _save(fig, cfg.out / "batch_size.png", cfg.dpi)
+
+
+def plot_fedavg_leakage(rows: pd.DataFrame, path: Path, dpi: int = 150, threshold: float = 25.0) -> str:
+    """Leakage against local work: the share of a client's images recovered (PSNR ≥ threshold) and their mean
+    PSNR against the local SGD steps behind its FedAvg update, one line per mechanism (solid: the attack named
+    first in `rows`, the one modelling the local training; dashed: the others, e.g. the ig-weight baseline).
+    `rows`: one row per run with columns local_steps, mechanism, attack, recovered, psnr."""
+    colors = _colors(list(dict.fromkeys(rows.mechanism)))
+    main = rows.attack.iloc[0]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for (mech, attack), group in rows.groupby(["mechanism", "attack"], sort=False):
+        by_steps = group.groupby("local_steps")
+        style = "-" if attack == main else "--"
+        for ax, column in zip(axes, ("recovered", "psnr"), strict=True):
+            values = by_steps[column].mean()
+            ax.plot(values.index, values.values, style, color=colors[mech], marker="o", label=f"{mech} ({attack})")
+    axes[0].set(ylabel=f"recovered share of the client's images (PSNR ≥ {threshold:g} dB)", ylim=(-0.05, 1.05))
+    axes[1].set(ylabel="mean PSNR of the client's images (dB)")
+    for ax in axes:
+        _log_axis(ax, rows.local_steps)
+        ax.set(
+            xlabel="local SGD steps behind the shared update (log scale)", title="FedAvg: leakage against local work"
+        )
+        ax.legend(fontsize=7)
+    return _save(fig, path, dpi)

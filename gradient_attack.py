@@ -4,6 +4,7 @@
     uv run gradient_attack.py --from-run 'runs/train/*-cnn-*' --batch-sizes 1 4
     uv run gradient_attack.py --model lenet --dataset digits --attacks dlg ig ig-naive --mechanisms none prune:0.5
     uv run gradient_attack.py --model fcnn --attacks giavmp rtf --batch-sizes 16 64 --mechanisms none dp-sgd:8
+    uv run gradient_attack.py --model mlp --attacks dlf ig-weight --batch-sizes 5 --local-batches 10 --local-epochs 10 --num-images 50
 
 With no training run, it attacks the demonstration victim (a fresh LeNet on digits) under the default grid of
 mechanisms. The study itself lives in leakage.py; this entry point reads the command line first, so `--help`

@@ -344,9 +344,14 @@ class Cell:
     runs: dict[str, tuple[str, dict[str, Any]]]  # attack -> run name and config.json
 
 
-def run_name(victim: Victim, dataset: str, attack: str, mech: MechanismSpec, batch_size: int, seed: int) -> str:
-    """One filesystem-safe path component (a folder:PATH dataset's path becomes part of a name, not a path)."""
-    return utils.safe_name(f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}-s{seed}")
+def run_name(
+    victim: Victim, dataset: str, attack: str, mech: MechanismSpec, batch_size: int, seed: int, local: str = ""
+) -> str:
+    """One filesystem-safe path component (a folder:PATH dataset's path becomes part of a name, not a path);
+    `local` names a FedAvg client's local work (-e{epochs}x{batches})."""
+    return utils.safe_name(
+        f"{victim.name}-{dataset}-{attack}-{mech.spec.replace(':', '')}-b{batch_size}{local}-s{seed}"
+    )
 
 
 def default_iterations(attack: str, input_shape: tuple[int, ...]) -> int:
@@ -389,15 +394,16 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
     """Every cell of one victim, each run checked: a finished run made with other settings stops the study
     here, before any attack runs."""
     dataset = "user-images" if cfg.images else victim.dataset
-    counts = {b: images_per_run(cfg, b, len(split.x_train)) for b in cfg.batch_sizes}
+    counts = {b: images_per_run(cfg, b * cfg.local_batches, len(split.x_train)) for b in cfg.batch_sizes}
     data = private_data(cfg, split, max(counts.values()))
     mechanisms = victim_mechanisms(cfg, victim)
-    check_mechanisms(mechanisms, victim, split, cfg.batch_sizes, len(data.exclude))
+    check_mechanisms(mechanisms, victim, split, [b * cfg.local_batches for b in cfg.batch_sizes], len(data.exclude))
     attacks = victim_attacks(cfg, victim)
     for attack in attacks:
         if attack != AUTO and ATTACKS[attack].check:
             ATTACKS[attack].check(victim.model)
     candidates = auto_candidates(victim.model) if AUTO in attacks else []
+    local = f"-e{cfg.local_epochs}x{cfg.local_batches}" if cfg.local_epochs * cfg.local_batches > 1 else ""
     groups = [[a for a in attacks if a == AUTO or not ATTACKS[a].prepare]] + [
         [a] for a in attacks if a != AUTO and ATTACKS[a].prepare
     ]
@@ -410,7 +416,7 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
             for group in filter(None, groups):
                 cell = Cell(victim, split, dataset, mech, batch_size, subset, group, candidates, setup, privacy, {})
                 for attack in group:
-                    name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed)
+                    name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed, local)
                     cell.runs[attack] = name, run_config(cfg, cell, attack, name)
                     if utils.run_is_done(cfg.out / name) and not cfg.force:
                         utils.check_finished_run(cfg.out / name, cell.runs[attack][1], NOT_RESULT_FIELDS)
@@ -457,20 +463,18 @@ def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers
     }  # fmt: skip
     chosen = []
     shape, classes = cell.split.input_shape, cell.split.num_classes
-    for batch in range(len(cell.data.images) // cell.batch_size):
-        part = slice(batch * cell.batch_size, (batch + 1) * cell.batch_size)
+    held = cell.batch_size * cfg.local_batches  # a FedAvg client's images (gradient mode: one batch)
+    for batch in range(len(cell.data.images) // held):
+        part = slice(batch * held, (batch + 1) * held)
         originals, labels = cell.data.images[part], cell.data.labels[part]
         batch_setup = dataclasses.replace(cell.setup, seed=cfg.seed + batch)  # fresh noise for every batch
         clients = int(cell.mech.strength) if cell.mech.name == "secagg" else 1
-        others = (
-            other_clients(cell.split, cell.data.exclude, clients, cell.batch_size, cfg.seed + batch)
-            if clients > 1
-            else []
-        )
+        others = other_clients(cell.split, cell.data.exclude, clients, held, cfg.seed + batch) if clients > 1 else []
         to = lambda t: t.to(device)
         update = client_update(
-            model, to(originals), to(labels), cell.mech, batch_setup, [(to(x), to(y)) for x, y in others]
-        )
+            model, to(originals), to(labels), cell.mech, batch_setup, [(to(x), to(y)) for x, y in others],
+            cfg.local_epochs, cell.batch_size,
+        )  # fmt: skip
         recs = {a: reused[a][batch] for a in reused}
         for attack in (a for a in cell.attacks if a in records and a != AUTO):
             record, start = records[attack], time.perf_counter()

@@ -116,8 +116,9 @@ def best_of_restarts(results: list[tuple[Reconstruction, Trajectory]], observe: 
     return replace(best, images=to_unit(best.images), failed_restarts=len(checked) - len(finished))
 
 
-from attacks import honest, malicious, optimization  # noqa: E402  (they use the helpers above)
+from attacks import federated, honest, malicious, optimization  # noqa: E402  (they use the helpers above)
 
 ATTACKS.update(optimization.ATTACKS)
 ATTACKS.update(honest.ATTACKS)
 ATTACKS.update(malicious.ATTACKS)
+ATTACKS.update(federated.ATTACKS)

@@ -15,6 +15,9 @@ gradients with a leading R, so restarts run as one batched computation (torch.fu
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,15 +38,15 @@ def target_gradients(update: SharedUpdate) -> Grads:
     return tuple(g / update.num_clients for g in update.gradients)
 
 
-def candidate_gradients(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, update: SharedUpdate, adaptive: bool = True
-) -> Grads:
-    """For each of R candidates, the gradient its N images and targets (class indices (R, N) or probabilities
-    (R, N, C)) would give the client's trainable parameters, as the client computes it under the update's
-    mechanism (adaptive) or plainly; differentiable with respect to the images and targets. Returns one
-    (R, *parameter shape) tensor per trainable parameter, in parameter order."""
+@contextmanager
+def client_gradient(
+    model: nn.Module, update: SharedUpdate, adaptive: bool = True
+) -> Iterator[Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
+    """The gradient one candidate batch (images, targets: class indices or probabilities) gives at trainable
+    parameters p (a dict by name), as the client computes it under the update's mechanism (adaptive) or plainly:
+    `fn(p, images, targets) -> {name: gradient}`, differentiable with respect to all three (a FedAvg attack
+    steps p with it through the client's local training)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     fixed |= dict(model.named_buffers())
     kappa = update.kappa if adaptive and update.mechanism_name == "regularized" else 0.0
@@ -64,15 +67,27 @@ def candidate_gradients(
         factor = (clip / (norms + 1e-6)).clamp(max=1.0)
         return {n: torch.einsum("b,b...->...", factor, per_sample[n]) / len(x) for n in names}
 
-    per_candidate = grad(loss) if clip is None else clipped_mean
     try:
+        yield grad(loss) if clip is None else clipped_mean
+    finally:
+        if regularizer:
+            regularizer.remove()
+
+
+def candidate_gradients(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, update: SharedUpdate, adaptive: bool = True
+) -> Grads:
+    """For each of R candidates, the gradient its N images and targets (class indices (R, N) or probabilities
+    (R, N, C)) would give the client's trainable parameters, as the client computes it under the update's
+    mechanism (adaptive) or plainly; differentiable with respect to the images and targets. Returns one
+    (R, *parameter shape) tensor per trainable parameter, in parameter order."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    with client_gradient(model, update, adaptive) as per_candidate:
         if len(images) == 1:  # one candidate: no vmap, which costs more than it saves for a single one
             grads = {n: g[None] for n, g in per_candidate(params, images[0], targets[0]).items()}
         else:
             grads = vmap(per_candidate, in_dims=(None, 0, 0))(params, images, targets)
-    finally:
-        if regularizer:
-            regularizer.remove()
     return tuple(grads[n] for n in names)
 
 
