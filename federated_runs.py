@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,8 @@ def simulate(cfg: config.FederatedConfig) -> None:
 
     from federation import make_client_app, make_server_app
 
-    FLOWER_LOGGER.setLevel(logging.WARNING)
+    FLOWER_LOGGER.setLevel(logging.ERROR)  # not its per-round INFO lines, nor run_simulation's deprecation note
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: none hidden, no warning
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False},
