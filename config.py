@@ -352,6 +352,10 @@ class FederatedConfig:
     trap_batch_size: int = 64
     """malicious servers: the batch size the server asks of the trapped client, for one local step (the server
     sets the round's local work; 64 is the gradient-mode goal's setting)"""
+    trap_lr: float = 100.0
+    """malicious servers: the learning rate asked of the trapped client. Clients return weights in float32, and
+    w - lr g keeps g's digits only where lr g is not tiny next to w: at the honest 0.05 RtF reads 0.34 of a batch
+    of 64 off the difference, at 100 0.98 (the client checks the model's accuracy, not the lr)"""
     poisoning_max_drop: float = 0.1  # the client flags a received model this much less accurate than the last one
     log_every: int = 10  # attack iterations between logged scores and snapshots
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success, as in the leakage study
@@ -401,6 +405,7 @@ class FederatedConfig:
                 raise UsageError(f"--{name} {value} must be at least 1.")
         for name, value in (
             ("lr", self.lr),
+            ("trap-lr", self.trap_lr),
             ("max-grad-norm", self.max_grad_norm),
             ("clipping-norm", self.clipping_norm),
         ):

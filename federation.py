@@ -205,7 +205,7 @@ def fit_client(
         batches = local_batches(len(y), batch_size, epochs, max_steps, seed)
         train_plain(model, x, y, batches, lr)
         steps = len(batches)
-    metrics.update({"steps": steps, "batch-size": batch_size, "local-epochs": epochs, "max-steps": max_steps})
+    metrics.update({"steps": steps, "batch-size": batch_size, "local-epochs": epochs, "max-steps": max_steps, "lr": lr})
     weight = len(y) if cfg.privacy_name in ("none", "dp-sgd") else 1  # dp-fedavg and secagg: a uniform mean
     return to_arrays(model), weight, metrics
 
@@ -250,7 +250,7 @@ def shared_update(
     after = load_arrays(copy.deepcopy(sent), returned)
     names = [n for n, p in sent.named_parameters() if p.requires_grad]
     before, later = dict(sent.named_parameters()), dict(after.named_parameters())
-    lr = float(cfg.lr)
+    lr = float(reports[0]["lr"])  # the round's, as the server asked it
     gradients = tuple((before[n].detach().double() - later[n].detach().double()).float() * scale / lr for n in names)
     first = reports[0]
     dp = cfg.privacy_name == "dp-sgd"
@@ -313,7 +313,8 @@ class CuriousServer(Strategy):
         attack_cfg = self.recorder.attack_config()
         trap = attack.prepare(honest, self.shape, self.classes, self.aux, attack_cfg).sent[self.cfg.trap_batch_size]
         imprint = json.dumps(trap.imprint.groups) if isinstance(trap, Imprinted) else ""
-        trap_ins = {"batch-size": self.cfg.trap_batch_size, "local-epochs": 1, "max-steps": 1, "imprint": imprint}
+        trap_ins = {"batch-size": self.cfg.trap_batch_size, "local-epochs": 1, "max-steps": 1, "imprint": imprint,
+                    "lr": self.cfg.trap_lr}  # fmt: skip
         self.sent[server_round] = (str(proxy.cid), trap)
         return [(proxy, FitIns(ndarrays_to_parameters(to_arrays(trap)), {**ins.config, **trap_ins}))] + instructions[1:]
 

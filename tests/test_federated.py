@@ -2,6 +2,7 @@
 server's view under SecAgg+, the threat-model boundary of the curious server, the deployment engine, and the
 CLI's checks. The simulations are tiny (mlp on digits, 3-4 clients); each starts Ray once."""
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -130,8 +131,10 @@ def test_fedavg_on_iid_clients_matches_centralized_training_and_the_attack_sees_
 
     split, _ = federation.federated_data(cfg)  # centralized: the same SGD on the union of the shares
     model = federation.build_model(cfg, split)
-    for epoch in range(cfg.rounds):
-        federation.train_plain(model, split.x_train, split.y_train, list(torch.randperm(len(split.y_train)).split(16)), cfg.lr)
+    for _ in range(cfg.rounds):
+        federation.train_plain(
+            model, split.x_train, split.y_train, list(torch.randperm(len(split.y_train)).split(16)), cfg.lr
+        )
     central = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
     assert metrics["accuracy"] > 0.8 and abs(metrics["accuracy"] - central) < 0.05
 
@@ -197,12 +200,13 @@ def free_ports(count: int) -> list[int]:
 def test_one_round_on_the_deployment_engine_completes_and_leaves_no_process(tmp_path):
     """A SuperLink and two SuperNodes as processes on 127.0.0.1, the same apps submitted with `flwr run`."""
     bin_dir = Path(sys.executable).parent
-    fleet, control, serverappio, node_a, node_b = free_ports(5)
+    link, node_a, node_b = free_ports(3)
     out = tmp_path / "federated"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
-    (tmp_path / "flwr-home").mkdir()
-    (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{control}"\ninsecure = true\n'
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     started = []
 
@@ -214,14 +218,13 @@ def test_one_round_on_the_deployment_engine_completes_and_leaves_no_process(tmp_
 
     try:
         start(
-            str(bin_dir / "flower-superlink"), "--insecure", f"--fleet-api-address=127.0.0.1:{fleet}",
-            f"--control-api-address=127.0.0.1:{control}", f"--serverappio-api-address=127.0.0.1:{serverappio}",
+            str(bin_dir / "flower-superlink"), "--insecure", "--host=127.0.0.1", f"--port={link}",
             f"--database={tmp_path / 'state.db'}",
         )  # fmt: skip
         for partition, port in enumerate((node_a, node_b)):
             start(
-                str(bin_dir / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{fleet}",
-                f"--clientappio-api-address=127.0.0.1:{port}",
+                str(bin_dir / "flower-supernode"), "--insecure", f"--superlink=127.0.0.1:{link}",
+                "--host=127.0.0.1", f"--port={port}",
                 f"--node-config=partition-id={partition} num-partitions=2",
             )  # fmt: skip
         options = f"--clients 2 --rounds 1 --model mlp --attack-rounds --out {out} --threads 1"
@@ -235,17 +238,40 @@ def test_one_round_on_the_deployment_engine_completes_and_leaves_no_process(tmp_
         history = utils.read_csv(runs[0].parent / "history.csv")
         assert [int(h["round"]) for h in history] == [0, 1] and int(history[1]["clients"]) == 2
     finally:
-        for proc in started:
+        stop(started, home)
+    assert not processes_with(home), "processes left behind"
+
+
+def processes_with(home: Path) -> list[int]:
+    """Every process started for the test, whatever its session: they all inherit FLWR_HOME=<home>."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def stop(started: list[subprocess.Popen], home: Path) -> None:
+    """SIGTERM to the SuperLink's and SuperNodes' process groups, up to 30 s to exit, then SIGKILL to whatever
+    of theirs remains (the apps' subprocesses too)."""
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        for proc in started:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    time.sleep(0.5)
-    leftover = subprocess.run(["pgrep", "-s", ",".join(str(p.pid) for p in started)], capture_output=True, text=True)
-    assert leftover.stdout.strip() == "", f"processes left behind: {leftover.stdout}"
+    deadline = time.monotonic() + 30
+    while processes_with(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in processes_with(home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for proc in started:
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while processes_with(home) and time.monotonic() < deadline:  # killed children of exited parents: reaped by init
+        time.sleep(0.2)
 
 
 # --- the command line -------------------------------------------------------------------------------------------
