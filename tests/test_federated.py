@@ -27,7 +27,7 @@ from defenses import SharedUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-TINY = dict(dataset="digits", model="mlp", lr=0.1, batch_size=16, threads=1, client_cpus=1.0)
+TINY = dict(dataset="digits", model="mlp", lr=0.05, batch_size=16, threads=1, client_cpus=1.0)
 
 
 def tiny(tmp_path: Path, **changes) -> config.FederatedConfig:
@@ -122,21 +122,24 @@ def test_fedavg_on_iid_clients_matches_centralized_training_and_the_attack_sees_
     import federated_runs
     import federation
 
-    cfg = tiny(tmp_path, clients=4, alpha=1000.0, rounds=6, attack="spy", attack_rounds=[2])
+    cfg = tiny(tmp_path, clients=4, alpha=1000.0, rounds=10, attack="spy", attack_rounds=[2])
     federated_runs.run_study(cfg)
     run = cfg.out / federated_runs.run_name(cfg)
     history = utils.read_csv(run / "history.csv")
     assert [int(h["round"]) for h in history] == list(range(cfg.rounds + 1))
     metrics = utils.read_json(run / "metrics.json")
 
-    split, _ = federation.federated_data(cfg)  # centralized: the same SGD on the union of the shares
-    model = federation.build_model(cfg, split)
-    for _ in range(cfg.rounds):
-        federation.train_plain(
-            model, split.x_train, split.y_train, list(torch.randperm(len(split.y_train)).split(16)), cfg.lr
-        )
-    central = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
-    assert metrics["accuracy"] > 0.8 and abs(metrics["accuracy"] - central) < 0.05
+    split, _ = federation.federated_data(cfg)  # centralized: as many epochs of the same SGD on the union
+    central = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = federation.build_model(dataclasses.replace(cfg, seed=seed), split)
+        for _ in range(cfg.rounds):
+            batches = list(torch.randperm(len(split.y_train)).split(cfg.batch_size))
+            federation.train_plain(model, split.x_train, split.y_train, batches, cfg.lr)
+        central.append(float((model(split.x_test).argmax(1) == split.y_test).float().mean()))
+    central = float(np.mean(central))
+    assert metrics["accuracy"] > 0.9 and abs(metrics["accuracy"] - central) < 0.04  # measured: 0.938 vs 0.945
 
     # the attack got the model the server sent and one SharedUpdate: the smallest client's own update, exactly
     (call,) = spy.calls
