@@ -388,7 +388,9 @@ def make_server_app(cfg: config.FederatedConfig | None = None):
             strategy = make_strategy(run_cfg, split, recorder)
             legacy = LegacyContext(context, config=ServerConfig(num_rounds=run_cfg.rounds), strategy=strategy)
             secagg = run_cfg.privacy_name == "secagg"
-            fit = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=2 / 3) if secagg else None
+            # the clients weigh 1 each: Flower's default max_weight (1000) would scale every update by 1/1000
+            # before quantizing it to 2^22 levels, and the sum would lose three digits
+            fit = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=2 / 3, max_weight=1.0) if secagg else None
             DefaultWorkflow(fit_workflow=fit)(grid, legacy)
             recorder.finish()
 
