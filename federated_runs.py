@@ -67,9 +67,10 @@ class Recorder:
     """The run directory and the evaluation side of one federated run (see the module docstring)."""
 
     def __init__(self, cfg: config.FederatedConfig):
-        from federation import federated_data
+        from federation import fedavg_noise, federated_data
 
         self.cfg, self.name = cfg, run_name(cfg)
+        self.noise = fedavg_noise(cfg) if cfg.privacy_name == "dp-fedavg" else None  # DP-FedAvg's z
         self.dir = Path(cfg.out) / self.name
         self.split, self.parts = federated_data(cfg)
         self.finished = utils.run_is_done(self.dir) and not cfg.force
@@ -125,10 +126,9 @@ class Recorder:
         """ε spent after `server_round` rounds, by the accountant: dp-fedavg's for the whole training (rate
         --fraction, one step per round); dp-sgd's the largest any client reported (each its own accountant)."""
         if self.cfg.privacy_name == "dp-fedavg":
-            from federation import fedavg_noise
             from privacy import epsilon_spent
 
-            return epsilon_spent(fedavg_noise(self.cfg), self.cfg.fraction, server_round, self.cfg.delta, "rdp")
+            return epsilon_spent(self.noise, self.cfg.fraction, server_round, self.cfg.delta, self.cfg.accountant)
         previous = [r["epsilon"] for r in self.history if r["epsilon"] is not None]
         eps = [float(r["epsilon"]) for r in self.reports.get(server_round, []) if "epsilon" in r]
         return max(eps + previous) if eps or previous else None
@@ -227,18 +227,13 @@ class Recorder:
     def finish(self) -> None:
         """metrics.json, last: the final global model's accuracy, the ε spent, and each attack's result."""
         last = self.history[-1]
-        noise = None
-        if self.cfg.privacy_name == "dp-fedavg":
-            from federation import fedavg_noise
-
-            noise = fedavg_noise(self.cfg)
         recovered = [a["recovered_fraction"] for a in self.attacks]
         metrics = {
             "run": self.name, "dataset": self.cfg.dataset, "model": self.cfg.model, "clients": self.cfg.clients,
             "alpha": self.cfg.alpha, "fraction": self.cfg.fraction, "rounds": self.cfg.rounds,
             "local_epochs": self.cfg.local_epochs, "batch_size": self.cfg.batch_size, "privacy": self.cfg.privacy,
             "epsilon": last["epsilon"], "delta": self.cfg.delta if self.cfg.privacy_name.startswith("dp") else None,
-            "noise_multiplier": noise, "accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+            "noise_multiplier": self.noise, "accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
             "attack": self.cfg.attack if self.attacks else None, "attack_rounds": self.cfg.attack_rounds,
             "recovered_fraction": max(recovered) if recovered else None,
             "attacks": [{k: a[k] for k in ("run", "round", "psnr", "ssim", "recovered_fraction")} for a in self.attacks],

@@ -78,6 +78,24 @@ def test_dp_sgd_clients_report_the_accountants_epsilon_within_their_target(tmp_p
     assert reported == sorted(reported) and 0.8 * 4 < reported[-1] <= 4.0  # spent over R rounds, never above
 
 
+def test_dp_fedavg_wraps_fedavg_in_flowers_dp_clipping_with_the_accountants_noise(tmp_path):
+    import federated_runs
+    import federation
+    from privacy import epsilon_spent
+
+    cfg = tiny(tmp_path, privacy="dp-fedavg:8", clients=10, fraction=0.5, rounds=20, clipping_norm=0.5)
+    recorder = federated_runs.Recorder(cfg)
+    strategy = federation.make_strategy(cfg, federation.federated_data(cfg)[0], recorder)
+    wrapper = strategy.inner
+    assert isinstance(wrapper, federation.DifferentialPrivacyServerSideFixedClipping)
+    assert isinstance(wrapper.strategy, federation.FedAvg)
+    assert wrapper.num_sampled_clients == 5 and wrapper.clipping_norm == 0.5
+    assert wrapper.noise_multiplier == recorder.noise > 0
+    spent = [recorder.epsilon(r) for r in (1, 10, 20)]
+    assert spent == sorted(spent) and 0.9 * 8 < spent[-1] <= 8.0  # the whole training's ε, at rate 0.5
+    assert spent[-1] == epsilon_spent(recorder.noise, 0.5, 20, cfg.delta, "rdp")
+
+
 # --- simulations: FedAvg, the curious server's boundary, SecAgg+ ------------------------------------------------
 
 
