@@ -2,7 +2,7 @@
 
 1. 100 simulated clients x 10 rounds on digits (Dirichlet 0.5, the default cnn, every client every round):
    wall time, and the global model's accuracy;
-2. the malicious-server trap in a real round: one client of ten gets an RtF or GIAvMP model (fcnn) in round 3
+2. the malicious-server trap in a real round: one client of ten gets an RtF or GIAvMP model (fcnn) in round 10
    with a batch of 64 for one local step; the share of that batch recovered (PSNR >= 30 dB) next to gradient
    mode's 0.95 (RtF) and 1.00 (GIAvMP), and whether the client's accuracy check flags the trap; RtF also at
    the honest learning rate, where float32 weights lose the gradient's digits;
@@ -55,9 +55,9 @@ def trap(scratch: Path, _cfg: BenchConfig) -> list[list]:
     rows = []
     for attack, lr, gradient_mode in (("rtf", 100.0, 0.95), ("giavmp", 100.0, 1.00), ("rtf", 0.05, 0.95)):
         metrics, seconds = federate(
-            scratch / f"trap-{attack}-{lr:g}", model="fcnn", rounds=3, attack=attack, attack_rounds=[3], trap_lr=lr
+            scratch / f"trap-{attack}-{lr:g}", model="fcnn", rounds=10, attack=attack, attack_rounds=[10], trap_lr=lr
         )
-        run = scratch / f"trap-{attack}-{lr:g}" / metrics["run"] / "attacks" / f"{attack}-r3" / "metrics.json"
+        run = scratch / f"trap-{attack}-{lr:g}" / metrics["run"] / "attacks" / f"{attack}-r10" / "metrics.json"
         scored = utils.read_json(run)
         rows.append(
             [attack, lr, scored["num_images"], scored["recovered_fraction"], gradient_mode, scored["psnr"],
@@ -75,7 +75,7 @@ def default_run(scratch: Path, _cfg: BenchConfig) -> list[list]:
 TABLES = {
     1: ("100 simulated clients x 10 rounds on digits", many_clients,
         ["clients", "rounds", "accuracy", "seconds", "seconds per round"]),
-    2: ("Malicious trap in a real round (fcnn, B = 64, one client of 10, round 3)", trap,
+    2: ("Malicious trap in a real round (fcnn, B = 64, one client of 10, round 10)", trap,
         ["attack", "trap lr", "batch", "recovered (>= 30 dB)", "gradient mode", "PSNR (dB)",
          "last model's accuracy", "trap's accuracy", "flagged", "seconds"]),
     3: ("The default run (uv run federated.py)", default_run,
