@@ -192,9 +192,10 @@ def fit_client(
     server_round, lr = int(ins["round"]), float(ins["lr"])
     batch_size, epochs, max_steps = int(ins["batch-size"]), int(ins["local-epochs"]), int(ins["max-steps"])
     seed = client_seed(cfg, server_round, partition)
-    if cfg.privacy_name == "dp-sgd":
+    if cfg.privacy_name == "dp-sgd":  # its own plan (B, E), whatever the server asks: it fixes the client's ε
         from privacy import epsilon_spent
 
+        batch_size, epochs, max_steps = cfg.batch_size, cfg.local_epochs, 0
         z, rate, _ = client_noise(cfg, len(y))
         steps = train_dp_sgd(model, x, y, cfg, lr, z, seed)
         spent = state["dp-sgd"]["steps"] + steps if "dp-sgd" in state else steps
