@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import shlex
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -263,9 +262,7 @@ def shared_update(
         local_epochs=int(first["local-epochs"]),
         num_samples=sum(int(r["num-samples"]) for r in reports),
         num_clients=len(reports) if cfg.privacy_name == "secagg" else 1,
-        mechanism=cfg.privacy.replace("secagg", f"secagg:{len(reports)}")
-        if cfg.privacy_name == "secagg"
-        else cfg.privacy,
+        mechanism=f"secagg:{len(reports)}" if cfg.privacy_name == "secagg" else cfg.privacy,
         max_grad_norm=cfg.max_grad_norm if dp else None,
         noise_multiplier=float(first["noise-multiplier"]) if dp else None,
     )
@@ -298,9 +295,8 @@ class CuriousServer(Strategy):
     def aggregate_evaluate(self, server_round, results, failures):
         return self.inner.aggregate_evaluate(server_round, results, failures)
 
-    @property
-    def attacking(self) -> Callable[[int], bool]:
-        return lambda server_round: server_round in self.cfg.attack_rounds
+    def attacking(self, server_round: int) -> bool:
+        return server_round in self.cfg.attack_rounds
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
