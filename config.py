@@ -357,7 +357,7 @@ class FederatedConfig:
     w - lr g keeps g's digits only where lr g is not tiny next to w: at the honest 0.05 RtF reads 0.34 of a batch
     of 64 off the difference, at 100 0.98 (the client checks the model's accuracy, not the lr)"""
     poisoning_max_drop: float = 0.1  # the client flags a received model this much less accurate than the last one
-    log_every: int = 10  # attack iterations between logged scores and snapshots
+    log_every: int = 100  # attack iterations between logged scores and snapshots (of all the update's images)
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success, as in the leakage study
     client_cpus: float = 1.0  # CPUs Flower's simulation engine (Ray) reserves per client: 2 run at once on 2 cores
     seed: int = 0  # partitions, initial model, client batches, DP noise, attacks; in the run name
