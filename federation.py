@@ -271,8 +271,9 @@ def shared_update(
 class CuriousServer(Strategy):
     """FedAvg (or its DP wrapper) as Flower runs it, with a server that, at the attack rounds, hands a client's
     update to an attack: the sampled client holding the fewest samples (the easiest target), or under secagg
-    the round's sum. A malicious attack (one with `prepare`) first sends one client its trap model, with one
-    local step at --trap-batch-size (the server sets the round's work), and leaves that update out of FedAvg.
+    the round's sum. A malicious attack (one with `prepare`) first sends its trap model to the client that
+    reported the most samples (a full batch), with one local step at --trap-batch-size and --trap-lr (the
+    server sets the round's work), and leaves that update out of FedAvg.
 
     `recorder` is the evaluation side: it gives the attack its `observe` callback and scores what it returns;
     the attack itself gets only the model the server sent and the SharedUpdate."""
@@ -282,6 +283,7 @@ class CuriousServer(Strategy):
         self.shape, self.classes, self.aux = split.input_shape, split.num_classes, server_data(split)
         self.sent: dict[int, tuple[str | None, nn.Module]] = {}  # round -> (trapped client, model sent to it)
         self.template = build_model(cfg, split)
+        self.sizes: dict[str, int] = {}  # each client's sample count, as it reported it
 
     def initialize_parameters(self, client_manager):
         return self.inner.initialize_parameters(client_manager)
@@ -305,7 +307,8 @@ class CuriousServer(Strategy):
         attack = ATTACKS[self.cfg.attack]
         if not (self.attacking(server_round) and attack.prepare):
             return instructions
-        instructions = sorted(instructions, key=lambda pair: str(pair[0].cid))
+        # the target: the client that reported the most samples so far, so that its batch is full
+        instructions = sorted(instructions, key=lambda pair: (-self.sizes.get(str(pair[0].cid), 0), str(pair[0].cid)))
         proxy, ins = instructions[0]
         attack_cfg = self.recorder.attack_config()
         trap = attack.prepare(honest, self.shape, self.classes, self.aux, attack_cfg).sent[self.cfg.trap_batch_size]
@@ -317,6 +320,7 @@ class CuriousServer(Strategy):
 
     def aggregate_fit(self, server_round, results, failures):
         reports = [dict(res.metrics) for _, res in results]
+        self.sizes.update({str(proxy.cid): int(res.metrics["num-samples"]) for proxy, res in results})
         self.recorder.client_reports(server_round, reports)
         trapped, sent = self.sent.pop(server_round, (None, None))
         if self.attacking(server_round) and results:
