@@ -53,7 +53,7 @@ def many_clients(scratch: Path, _cfg: BenchConfig) -> list[list]:
 
 def trap(scratch: Path, _cfg: BenchConfig) -> list[list]:
     rows = []
-    for attack, lr, gradient_mode in (("rtf", 100.0, 0.95), ("giavmp", 100.0, 1.00), ("rtf", 0.05, 0.95)):
+    for attack, lr, gradient_mode in (("rtf", 1e4, 0.95), ("giavmp", 1e4, 1.00), ("rtf", 0.05, 0.95)):
         metrics, seconds = federate(
             scratch / f"trap-{attack}-{lr:g}", model="fcnn", rounds=10, attack=attack, attack_rounds=[10], trap_lr=lr
         )
