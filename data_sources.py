@@ -208,6 +208,32 @@ def load_dataset(name: str, opts: DataOptions | None = None) -> DataSplit:
     return DATASETS[name](opts)
 
 
+def dirichlet_partition(labels: torch.Tensor, clients: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    """Non-IID client shares (Hsu et al. 2019): each class's samples are split over the clients in proportions
+    drawn from Dirichlet(alpha, ..., alpha), so small alpha gives each client a few dominant classes and large
+    alpha tends to IID shares. Every sample lands in exactly one share. A draw that leaves a client with fewer
+    than 2 samples is redrawn (a client must be able to train and be checked), as is usual for this split.
+    Returns each client's training indices, sorted."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    if len(y) < 2 * clients:
+        raise UsageError(f"{len(y)} training samples cannot give {clients} clients 2 samples each; use fewer clients.")
+    for _ in range(1000):
+        shares: list[list[np.ndarray]] = [[] for _ in range(clients)]
+        for cls in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == cls))
+            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(members)).round().astype(int)[:-1]
+            for share, part in zip(shares, np.split(members, cuts), strict=True):
+                share.append(part)
+        parts = [np.sort(np.concatenate(s)) for s in shares]
+        if min(map(len, parts)) >= 2:
+            return [torch.as_tensor(p, dtype=torch.long) for p in parts]
+    raise UsageError(
+        f"Dirichlet(α = {alpha}) left some of {clients} clients almost empty in 1000 draws; use a larger --alpha or "
+        "fewer --clients."
+    )
+
+
 def read_image(path: Path) -> np.ndarray:
     """An image file as an RGB array; one Pillow cannot read, or one so large it would exhaust memory (Pillow's
     decompression-bomb guard, from about 179 million pixels), is a UsageError naming it."""

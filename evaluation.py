@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from config import AttackConfig
 
 RECOVERED_PSNR = 30.0  # dB from which an image counts as recovered (recovered_fraction)
+MAX_SHOWN = 32  # reconstruction.png shows at most this many images (the best first, when there are more)
 
 
 @dataclass
@@ -105,8 +106,13 @@ class RunRecord:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         utils.atomic_write_bytes(run_dir / "snapshots.npz", buf.getvalue())
-        utils.atomic_write_bytes(run_dir / "reconstruction.png", comparison_png(images, torch.cat(self.finals)))
         psnr = np.array([p["psnr"] for p in self.per_image])
+        shown = torch.as_tensor(
+            np.argsort(-psnr, kind="stable")[:MAX_SHOWN] if len(psnr) > MAX_SHOWN else np.arange(len(psnr))
+        )
+        utils.atomic_write_bytes(
+            run_dir / "reconstruction.png", comparison_png(images[shown], torch.cat(self.finals)[shown])
+        )
         shares = {f"recovered_fraction_{db}db": float((psnr >= db).mean()) for db in (20, 30, 40)}
         utils.write_json(
             run_dir / "metrics.json", {**row, **self.counts, **shares, **extra, "per_image": self.per_image}

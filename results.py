@@ -168,7 +168,7 @@ def load_study(runs: Path) -> Study:
     """Read every finished run under runs/train and runs/attack; UsageError when there is none at all."""
     problems: list[str] = []
     train = [m for d in _run_dirs(runs / "train") if (m := _read_metrics(d, TRAIN_KEYS, problems))]
-    attack_dirs = _run_dirs(runs / "attack")
+    attack_dirs = _run_dirs(runs / "attack") + federated_attack_dirs(runs / "federated")
     prior = [m for d in attack_dirs if _prior_aware(d) and (m := _read_metrics(d, PRIOR_KEYS, problems))]
     attack = [m for d in attack_dirs if not _prior_aware(d) and (m := _read_attack_run(d, problems))]
     if not train and not attack and not prior:
@@ -201,6 +201,12 @@ def load_study(runs: Path) -> Study:
         problems=problems,
         prior=pd.DataFrame(prior, columns=PRIOR_KEYS),
     )
+
+
+def federated_attack_dirs(federated: Path) -> list[Path]:
+    """The attack runs of federated.py's runs (runs/federated/<run>/attacks/<attack>-r<round>/): the same files
+    and summary row as a gradient-mode run, so they join the attack table, its victim the federated run."""
+    return [d for run in _run_dirs(federated) for d in _run_dirs(run / "attacks")]
 
 
 def _prior_aware(run_dir: Path) -> bool:
