@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -12,11 +13,24 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from utils import UsageError
 
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
+# Opacus' per-sample gradient engines (--grad-sample-mode): hooks (its classic autograd hooks), functorch (vmap
+# over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
+# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# What `auto` tries, fastest first on the study's cnn (bench/dp_engine_bench.py); the first that handles the model.
+ENGINE_PREFERENCE = ("hooks", "ghost", "functorch", "ew")
+# Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
+EXPANDED_WEIGHTS_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountants; "prv" is PrivacyEngine's default
 PRV_MAX_EPSILON = 100.0  # above this the prv accountant's search overflows and runs for minutes (ε = 200: ~3 min)
 
@@ -72,6 +86,47 @@ def release_epsilon(noise_multiplier: float, delta: float) -> float:
         return epsilon_spent(noise_multiplier, 1.0, 1, delta, "prv")
 
 
+def unsupported_layer(module: nn.Module, mode: str) -> str | None:
+    """The first layer Opacus cannot train in `mode`, named and with the reason; None when every layer works.
+    Opacus' ModuleValidator rules out layers that mix samples (BatchNorm) in every mode; expanded weights (ew)
+    differentiate only the layer types PyTorch implements for them. hooks, functorch and ghost fall back to
+    functorch for a layer without an Opacus per-sample rule, so they handle the rest."""
+    for name, layer in module.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(layer))
+        errors = validator(layer) if validator else []
+        if errors:
+            reason = str(errors[0]).split(". ")[0]
+            return f"layer '{name or 'model'}' ({type(layer).__name__}): {reason}"
+        trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
+        if mode == "ew" and trainable and not isinstance(layer, EXPANDED_WEIGHTS_LAYERS):
+            return (
+                f"layer '{name or 'model'}' ({type(layer).__name__}): PyTorch's expanded weights have no per-sample "
+                "gradient for it"
+            )
+    return None
+
+
+def choose_grad_sample_mode(module: nn.Module, mode: str) -> str:
+    """The engine DP-SGD trains `module` with: `mode` when Opacus handles every layer in it, for `auto` the
+    fastest that does (ENGINE_PREFERENCE). A layer no engine handles, or the asked engine cannot, is a
+    UsageError naming the layer and an engine that works, found before any run trains."""
+    working = next((m for m in ENGINE_PREFERENCE if unsupported_layer(module, m) is None), None)
+    problem = unsupported_layer(module, ENGINE_PREFERENCE[0] if mode == "auto" else mode)
+    if problem is None:
+        return ENGINE_PREFERENCE[0] if mode == "auto" else mode
+    if working is None:
+        raise UsageError(
+            f"Opacus cannot train {problem}. No per-sample gradient engine handles it; replace it (BatchNorm by "
+            "GroupNorm: opacus.validators.ModuleValidator.fix, which --finetune full applies to backbones)."
+        )
+    if mode == "auto":
+        return working
+    raise UsageError(
+        f"--grad-sample-mode {mode} cannot train {problem}. Use --grad-sample-mode {working} (or auto), which "
+        "handles every layer of this model."
+    )
+
+
 def make_private(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -81,23 +136,38 @@ def make_private(
     max_grad_norm: float,
     accountant: str,
     seed: int,
-) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
+    grad_sample_mode: str = "hooks",
+) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, Callable, DataLoader]:
     """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the noise
     multiplier that noise_multiplier_for found for the target ε over the planned steps (what Opacus'
-    make_private_with_epsilon does, with the search done once, before any run trains)."""
+    make_private_with_epsilon does, with the search done once, before any run trains). Returns the criterion
+    too: ghost clipping's loss runs both of its backward passes in `loss.backward()`.
+
+    In a torch.distributed process group (torchrun) the module is wrapped in Opacus' DPDDP, which Opacus
+    recognises: each process samples its share of the data at the same Poisson rate, clips its own samples,
+    rank 0 alone adds the noise, and the optimizer sums the processes' gradients, so every step is one
+    sampled Gaussian mechanism with the same (q, z) as in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        module = DPDDP(module)
     engine = PrivacyEngine(accountant=accountant)
     device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
     generator = torch.Generator(device=device).manual_seed(seed)
-    module, optimizer, loader = engine.make_private(
+    wrapped = engine.make_private(
         module=module,
         optimizer=optimizer,
         data_loader=loader,
+        criterion=nn.CrossEntropyLoss(),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=generator,
+        grad_sample_mode=grad_sample_mode,
     )
-    return engine, module, optimizer, loader
+    if grad_sample_mode == "ghost":
+        module, optimizer, criterion, loader = wrapped
+    else:
+        (module, optimizer, loader), criterion = wrapped, nn.CrossEntropyLoss()
+    return engine, module, optimizer, criterion, loader
 
 
 class WeightNoiseRegularizer:
