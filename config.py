@@ -140,9 +140,7 @@ class TrainConfig:
                 "Use one or the other: drop --workers/--ray-address under torchrun, or run without torchrun."
             )
         if launched_processes() > 1 and self.audit_canaries:
-            raise UsageError(
-                "--audit-canaries observes the noisy sum of one process; run the audit without torchrun."
-            )
+            raise UsageError("--audit-canaries observes the noisy sum of one process; run the audit without torchrun.")
 
     def validate_data(self, num_train: int) -> None:
         """Checks that need the training-set size N."""

@@ -42,6 +42,9 @@ class ProcessGroup:
         return self.world_size > 1
 
 
+ONE_PROCESS = ProcessGroup()
+
+
 def launched_processes() -> int:
     """How many processes torchrun started for this job (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,7 +59,7 @@ def join_process_group(device_name: str) -> tuple[ProcessGroup, Any]:
 
     device = utils.pick_device(device_name)
     if launched_processes() == 1:
-        return ProcessGroup(), device
+        return ONE_PROCESS, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -92,6 +95,7 @@ def run_tasks(
     workers: int = 1,
     address: str | None = None,
     desc: str = "runs",
+    progress: bool = True,
 ) -> list[Any]:
     """work(shared, task) for every task, results in task order, with a progress bar of runs done / total.
 
@@ -100,7 +104,7 @@ def run_tasks(
     whose worker died comes back as the exception that says so (ray.exceptions.WorkerCrashedError) rather
     than stopping the others; any other error in a task is raised here, as in a serial study."""
     if workers <= 1 and address is None:
-        return [work(shared, task) for task in tqdm(tasks, desc=desc, unit="run")]
+        return [work(shared, task) for task in tqdm(tasks, desc=desc, unit="run", disable=not progress)]
     import ray
     from ray.exceptions import NodeDiedError, RayTaskError, WorkerCrashedError
 

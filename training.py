@@ -127,7 +127,12 @@ def run_config(cfg: config.TrainConfig, run: Run) -> dict[str, Any]:
 
 
 def make_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, group: ProcessGroup = ProcessGroup(), dp: bool = False
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    group: ProcessGroup = parallel.ONE_PROCESS,
+    dp: bool = False,
 ) -> DataLoader:
     """Shuffled batches from a seeded generator: same seed, same batches (Opacus keeps the generator when it
     swaps in Poisson sampling). Under DP-SGD in several processes this is still the whole set at the whole
@@ -160,7 +165,7 @@ def fit(
     data: DataSplit,
     device: torch.device,
     history_path: Path,
-    group: ProcessGroup = ProcessGroup(),
+    group: ProcessGroup = parallel.ONE_PROCESS,
 ) -> dict[str, Any]:
     """Train `module` on prepare(x) for cfg.epochs under run.privacy and return its metrics; the per-epoch
     history is rewritten to history_path after every epoch (by the main process), so an interrupted run shows
@@ -221,6 +226,7 @@ def fit(
                     correct += (logits.argmax(1) == y).sum().item()
                     seen += len(y)
             train_seconds += time.perf_counter() - start
+            optimizer.zero_grad(set_to_none=True)  # expanded weights refuse to predict while holding per-sample grads
             loss_sum, correct, seen = parallel.sum_over_processes([loss_sum, correct, seen])
             samples += seen
             test_acc = (predict(module, prepare, data.x_test, device) == data.y_test).float().mean().item()
@@ -333,7 +339,13 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
                   if any(run.model == name for run in pending)}  # fmt: skip
         shared = cfg, templates, inputs, device, group
         outcomes = parallel.run_tasks(
-            train_run, shared, pending, workers=cfg.workers, address=cfg.ray_address, desc="training study"
+            train_run,
+            shared,
+            pending,
+            workers=cfg.workers,
+            address=cfg.ray_address,
+            desc="training study",
+            progress=group.main,
         )
         if not group.main:
             return
