@@ -113,7 +113,7 @@ class FrozenBackbone(nn.Module):
         of every other layer are kept and the normalisation layers start afresh."""
         from opacus.validators import ModuleValidator
 
-        self.backbone = ModuleValidator.fix(self.backbone).requires_grad_(True)
+        self.backbone = ModuleValidator.fix(self.backbone.requires_grad_(True))  # it fixes trainable layers only
         self.frozen = False
         return self.train(self.training)
 
