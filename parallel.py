@@ -101,12 +101,13 @@ def run_tasks(
 
     Serially in this process for workers <= 1 and no address; else as Ray tasks, one CPU each, on a local
     Ray of `workers` CPUs or on the cluster at `address` (`shared` goes to the object store once). A task
-    whose worker died comes back as the exception that says so (ray.exceptions.WorkerCrashedError) rather
-    than stopping the others; any other error in a task is raised here, as in a serial study."""
+    whose worker died (killed, out of memory, its node lost) comes back as the exception that says so rather
+    than stopping the others, and is not retried: the next study redoes it. Any other error in a task is
+    raised here, as in a serial study."""
     if workers <= 1 and address is None:
         return [work(shared, task) for task in tqdm(tasks, desc=desc, unit="run", disable=not progress)]
     import ray
-    from ray.exceptions import NodeDiedError, RayTaskError, WorkerCrashedError
+    from ray.exceptions import NodeDiedError, OutOfMemoryError, RayTaskError, WorkerCrashedError
 
     env = {"TQDM_DISABLE": "1"}  # per-run bars from workers would interleave; the driver shows runs done / total
     if address is None:
@@ -124,7 +125,7 @@ def run_tasks(
                 done, pending = ray.wait(pending, num_returns=1)
                 try:
                     results[index[done[0]]] = ray.get(done[0])
-                except (WorkerCrashedError, NodeDiedError) as err:
+                except (WorkerCrashedError, NodeDiedError, OutOfMemoryError) as err:
                     results[index[done[0]]] = err
                 except RayTaskError as err:  # the task's own error, as a serial study would raise it
                     raise err.cause from None
