@@ -108,7 +108,9 @@ def test_two_gloo_processes_spend_the_same_epsilon_and_learn_as_well_as_one(tmp_
 
 def _linear_conv_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 3)
+    )
 
 
 def _one_private_step(mode: str) -> list[torch.Tensor]:
@@ -132,8 +134,8 @@ def test_ghost_clipping_takes_the_same_clipped_and_noised_step_as_hooks():
     """Fast gradient clipping (ghost norms for the Linear layers, per-sample gradients for the conv) and the
     classic hooks clip every sample to the same norm, draw the same noise from the same seed and take the same
     step; the clip is far below the gradients' norms, so a wrong norm would show."""
-    hooks, ghost, initial = _one_private_step("hooks"), _one_private_step("ghost"), list(_linear_conv_model().parameters())
-    for h, g, p in zip(hooks, ghost, initial, strict=True):
+    hooks, ghost = _one_private_step("hooks"), _one_private_step("ghost")
+    for h, g, p in zip(hooks, ghost, _linear_conv_model().parameters(), strict=True):
         assert not torch.allclose(h, p.detach())  # the step moved every parameter
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
 
@@ -174,7 +176,9 @@ def test_full_finetune_trains_the_backbone_with_groupnorm_and_checkpoints_it(tmp
 
     def tiny() -> FrozenBackbone:
         torch.manual_seed(0)
-        backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
         return FrozenBackbone(backbone, 32, 2, image_size=16).unfreeze()
 
     model = tiny()
