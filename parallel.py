@@ -68,6 +68,12 @@ def join_process_group(device_name: str) -> tuple[ProcessGroup, Any]:
     return ProcessGroup(dist.get_rank(), dist.get_world_size()), device
 
 
+def shows_progress(group: ProcessGroup) -> bool:
+    """Whether this process draws per-run progress bars: the main process of a job, and not a Ray worker (whose
+    bars would interleave; TQDM_DISABLE, set for the workers, also silences tqdm's own defaults there)."""
+    return group.main and os.environ.get("TQDM_DISABLE") != "1"
+
+
 def leave_process_group() -> None:
     import torch.distributed as dist
 
@@ -106,6 +112,8 @@ def run_tasks(
     raised here, as in a serial study."""
     if workers <= 1 and address is None:
         return [work(shared, task) for task in tqdm(tasks, desc=desc, unit="run", disable=not progress)]
+    if address is None:  # local workers run this interpreter; Ray would otherwise build a uv env per `uv run`
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
     from ray.exceptions import NodeDiedError, OutOfMemoryError, RayTaskError, WorkerCrashedError
 

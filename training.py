@@ -201,7 +201,9 @@ def fit(
             canaries.attach(optimizer)
 
     history, steps, samples, train_seconds = [], 0, 0, 0.0
-    bar = tqdm(range(1, cfg.epochs + 1), desc=run.name, unit="epoch", leave=False, disable=not group.main)
+    bar = tqdm(
+        range(1, cfg.epochs + 1), desc=run.name, unit="epoch", leave=False, disable=not parallel.shows_progress(group)
+    )
     try:
         for epoch in bar:
             module.train()
