@@ -110,10 +110,14 @@ class FrozenBackbone(nn.Module):
     def unfreeze(self) -> FrozenBackbone:
         """Make the backbone trainable end to end under DP-SGD: Opacus' ModuleValidator.fix replaces each
         BatchNorm, which mixes samples, by a GroupNorm (Opacus' documented fix), so the pretrained weights
-        of every other layer are kept and the normalisation layers start afresh."""
+        of every other layer are kept and the normalisation layers start afresh; in-place activations compute
+        out of place."""
         from opacus.validators import ModuleValidator
 
         self.backbone = ModuleValidator.fix(self.backbone.requires_grad_(True))  # it fixes trainable layers only
+        for layer in self.backbone.modules():  # Opacus' backward hooks cannot see through in-place activations
+            if getattr(layer, "inplace", False) is True:
+                layer.inplace = False
         self.frozen = False
         return self.train(self.training)
 

@@ -3,6 +3,7 @@ conversion between a target ε and a noise multiplier, always through an Opacus 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from utils import UsageError
 
@@ -89,14 +90,20 @@ def release_epsilon(noise_multiplier: float, delta: float) -> float:
 def unsupported_layer(module: nn.Module, mode: str) -> str | None:
     """The first layer Opacus cannot train in `mode`, named and with the reason; None when every layer works.
     Opacus' ModuleValidator rules out layers that mix samples (BatchNorm) in every mode; expanded weights (ew)
-    differentiate only the layer types PyTorch implements for them. hooks, functorch and ghost fall back to
-    functorch for a layer without an Opacus per-sample rule, so they handle the rest."""
+    differentiate only the layer types PyTorch implements for them, and the other engines' backward hooks
+    fail on in-place activations. hooks and ghost fall back to functorch for a layer without an Opacus
+    per-sample rule, so they handle the rest."""
     for name, layer in module.named_modules():
         validator = ModuleValidator.VALIDATORS.get(type(layer))
         errors = validator(layer) if validator else []
         if errors:
             reason = str(errors[0]).split(". ")[0]
             return f"layer '{name or 'model'}' ({type(layer).__name__}): {reason}"
+        if mode != "ew" and getattr(layer, "inplace", False) is True:
+            return (
+                f"layer '{name or 'model'}' ({type(layer).__name__}): it works in place, which Opacus' backward hooks "
+                "cannot differentiate through (set its inplace=False)"
+            )
         trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
         if mode == "ew" and trainable and not isinstance(layer, EXPANDED_WEIGHTS_LAYERS):
             return (
@@ -106,14 +113,47 @@ def unsupported_layer(module: nn.Module, mode: str) -> str | None:
     return None
 
 
-def choose_grad_sample_mode(module: nn.Module, mode: str) -> str:
+def engine_problem(module: nn.Module, mode: str, example: torch.Tensor | None) -> str | None:
+    """Why Opacus cannot train `module` in `mode`, naming the layer; None when it can. The static check first
+    (unsupported_layer), then, given an example input (two samples), one DP-SGD step on a copy: it catches what
+    only running shows, such as a residual `x += shortcut` on a hooked layer's output (timm's ResNets), and
+    names the innermost layer whose forward pass failed."""
+    problem = unsupported_layer(module, mode)
+    if problem or example is None:
+        return problem
+    probe = copy.deepcopy(module)
+    names = {id(m): name for name, m in probe.named_modules()}
+    inputs, labels = example[:2], torch.zeros(len(example[:2]), dtype=torch.long, device=example.device)
+    try:
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+        loader = DataLoader(TensorDataset(inputs.cpu(), labels.cpu()), batch_size=len(labels))
+        _, wrapped, optimizer, criterion, _ = make_private(
+            probe, optimizer, loader, noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", seed=0,
+            grad_sample_mode=mode,
+        )  # fmt: skip
+        criterion(wrapped(inputs), labels).backward()
+        optimizer.step()
+    except Exception as err:  # any failure of the engine on this model is the answer
+        layer, tb = None, err.__traceback__
+        while tb is not None:  # the innermost module of the probe whose code was running
+            owner = tb.tb_frame.f_locals.get("self")
+            layer = owner if id(owner) in names else layer
+            tb = tb.tb_next
+        where = f"layer '{names[id(layer)] or 'model'}' ({type(layer).__name__})" if layer is not None else "the model"
+        return f"{where}: {' '.join(str(err).split('. ')[0].split())}"
+    return None
+
+
+def choose_grad_sample_mode(module: nn.Module, mode: str, example: torch.Tensor | None = None) -> str:
     """The engine DP-SGD trains `module` with: `mode` when Opacus handles every layer in it, for `auto` the
     fastest that does (ENGINE_PREFERENCE). A layer no engine handles, or the asked engine cannot, is a
-    UsageError naming the layer and an engine that works, found before any run trains."""
-    working = next((m for m in ENGINE_PREFERENCE if unsupported_layer(module, m) is None), None)
-    problem = unsupported_layer(module, ENGINE_PREFERENCE[0] if mode == "auto" else mode)
+    UsageError naming the layer and an engine that works, found before any run trains (engine_problem: with
+    an example input, by a trial step)."""
+    first = ENGINE_PREFERENCE[0] if mode == "auto" else mode
+    problem = engine_problem(module, first, example)
     if problem is None:
-        return ENGINE_PREFERENCE[0] if mode == "auto" else mode
+        return first
+    working = next((m for m in ENGINE_PREFERENCE if m != first and engine_problem(module, m, example) is None), None)
     if working is None:
         raise UsageError(
             f"Opacus cannot train {problem}. No per-sample gradient engine handles it; replace it (BatchNorm by "

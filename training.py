@@ -279,6 +279,13 @@ def study_template(cfg: config.TrainConfig, name: str, data: DataSplit) -> nn.Mo
     return model.unfreeze() if isinstance(model, FrozenBackbone) and cfg.finetune == "full" else model
 
 
+@torch.no_grad()
+def trainable_input(template: nn.Module, data: DataSplit) -> torch.Tensor:
+    """Two training samples as the trainable module takes them (a frozen backbone's head: their features)."""
+    x = data.x_train[:2]
+    return template.features(x) if isinstance(template, FrozenBackbone) and template.frozen else x
+
+
 def head_inputs(
     cfg: config.TrainConfig, template: nn.Module, data: DataSplit, device: torch.device
 ) -> tuple[DataSplit, Callable[[torch.Tensor], torch.Tensor], float]:
@@ -326,7 +333,9 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
     utils.seed_everything(cfg.seed)
     templates = {name: study_template(cfg, name, data) for name in cfg.models}
     engines = {
-        name: choose_grad_sample_mode(trainable_module(templates[name]), cfg.grad_sample_mode)
+        name: choose_grad_sample_mode(
+            trainable_module(templates[name]), cfg.grad_sample_mode, trainable_input(templates[name], data)
+        )
         for name in {run.model for run in runs if run.privacy == "dp-sgd"}
     }
     runs = [dataclasses.replace(run, grad_sample_mode=engines.get(run.model, "hooks")) for run in runs]

@@ -118,7 +118,7 @@ def engine_rows(bench: BenchConfig, model: str) -> list[list]:
     return rows
 
 
-def process_rows(bench: BenchConfig, work: Path) -> list[list]:
+def process_rows(work: Path, bench: BenchConfig) -> list[list]:
     """Table 3: train.py under torchrun with 1 and 2 processes; samples/s of all processes together."""
     from privacy import ENGINE_PREFERENCE
 

@@ -160,6 +160,30 @@ def test_a_layer_an_engine_cannot_train_is_named_with_an_engine_that_can():
         choose_grad_sample_mode(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), "auto")
 
 
+class Residual(nn.Module):
+    """A residual block that adds in place onto a hooked layer's output, as timm's ResNets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        y += x
+        return y
+
+
+def test_a_failure_only_a_trial_step_shows_is_named_and_auto_takes_an_engine_that_works():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Residual(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    example = torch.rand(2, 1, 6, 6)
+    with pytest.raises(
+        utils.UsageError, match=r"hooks cannot train layer '1' \(Residual\): .*Use --grad-sample-mode ew"
+    ):
+        choose_grad_sample_mode(model, "hooks", example)
+    assert choose_grad_sample_mode(model, "auto", example) == "ew"
+    assert choose_grad_sample_mode(model, "auto") == "hooks"  # without an example only the static check runs
+
+
 def test_an_unknown_engine_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(lambda: train.main(["--grad-sample-mode", "fast", "--out", str(tmp_path / "x")]))
