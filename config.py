@@ -56,6 +56,14 @@ class TrainConfig:
     image_size: int = 64  # side length for image folders and photos; pretrained backbones resize to 224
     pretrained: bool = True  # --no-pretrained builds resnet50/dinov2 with random weights (smoke tests)
     feature_cache: bool = True  # head-only models train on backbone features computed once per split
+    finetune: str = "head"
+    """resnet50/dinov2: head (train a linear head on the frozen backbone) or full (train the backbone end to end,
+    its BatchNorms replaced by GroupNorms through Opacus' ModuleValidator.fix, as DP-SGD needs)"""
+    grad_sample_mode: str = "auto"
+    """Opacus' per-sample gradient engine for DP-SGD: hooks, functorch, ew (expanded weights), ghost (fast
+    gradient clipping), or auto: the fastest that handles the model (bench/dp_engine_bench.py)"""
+    workers: int = 1  # runs trained at once, each in its own local Ray worker (1: one after another, no Ray)
+    ray_address: str | None = None  # an existing Ray cluster to run the study's runs on (e.g. auto, ray://host:10001)
     seed: int = 0  # one seed for the split, the initialisation, the batches and the noise; in the run names
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
     threads: int = 1
@@ -119,6 +127,27 @@ class TrainConfig:
             raise UsageError(f"--reg-sigma {self.reg_sigma} must be >= 0.")
         if self.threads < 0:
             raise UsageError(f"--threads {self.threads} must be >= 0 (0 keeps torch's default).")
+        self.check_scale()
+
+    def check_scale(self) -> None:
+        """The options past one process: engine, fine-tuning, Ray workers, torchrun."""
+        from parallel import check_workers, launched_processes
+        from privacy import GRAD_SAMPLE_MODES
+
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise UsageError(
+                f"--grad-sample-mode '{self.grad_sample_mode}' is unknown; choose from {', '.join(GRAD_SAMPLE_MODES)}."
+            )
+        if self.finetune not in ("head", "full"):
+            raise UsageError(f"--finetune '{self.finetune}' is unknown; choose head (a linear head) or full.")
+        check_workers(self.workers, self.ray_address)
+        if launched_processes() > 1 and (self.workers > 1 or self.ray_address):
+            raise UsageError(
+                "torchrun trains each run with all its processes; --workers/--ray-address run several runs at once. "
+                "Use one or the other: drop --workers/--ray-address under torchrun, or run without torchrun."
+            )
+        if launched_processes() > 1 and self.audit_canaries:
+            raise UsageError("--audit-canaries observes the noisy sum of one process; run the audit without torchrun.")
 
     def validate_data(self, num_train: int) -> None:
         """Checks that need the training-set size N."""
@@ -217,6 +246,8 @@ class AttackConfig:
     compares a trained model (~0.9 digits accuracy) with the poisoned one; trained victims keep theirs"""
     poisoning_max_drop: float = 0.1  # the client's detector flags a received model this much less accurate
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
+    workers: int = 1  # cells attacked at once, each in its own local Ray worker (1: one after another, no Ray)
+    ray_address: str | None = None  # an existing Ray cluster to run the study's cells on (e.g. auto, ray://host:10001)
 
     @property
     def fresh_victim(self) -> bool:
@@ -246,7 +277,9 @@ class AttackConfig:
         from data_sources import check_dataset_name
         from defenses import parse_mechanisms
         from models import check_model_name
+        from parallel import check_workers
 
+        check_workers(self.workers, self.ray_address)
         if self.from_run and self.fresh_victim:
             raise UsageError(
                 "--from-run attacks trained models on their own data; --model/--dataset build a fresh one. "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import config
+import parallel
 import utils
 from attacks import ATTACKS
 from attacks.malicious import detect_poisoning, honest_training
@@ -158,6 +159,8 @@ def trained_victim(cfg: config.AttackConfig, run_dir: Path) -> tuple[Victim, Dat
     training["target_epsilon"] = run_cfg.get("target_epsilon")  # a DP-SGD run's budget
     split = load_data(cfg, run_cfg["dataset"], training)  # the run's own split: its seed, test share and size
     model = create_model(run_cfg["model"], split.input_shape, split.num_classes, pretrained=training["pretrained"])
+    if isinstance(model, FrozenBackbone) and training.get("finetune") == "full":
+        model.unfreeze()  # fine-tuned end to end: GroupNorms in place of BatchNorms, its backbone in the checkpoint
     load_checkpoint(model, run_dir / "model.safetensors")
     privacy = run_cfg.get("privacy")
     z, eps = (run_metrics.get("noise_multiplier"), run_metrics.get("epsilon")) if privacy == "dp-sgd" else (None, None)
@@ -574,9 +577,31 @@ def plan_cells(cfg: config.AttackConfig) -> list[Cell]:
 
 
 def run_cells(cfg: config.AttackConfig, cells: list[Cell]) -> set[str]:
-    """Run the unfinished cells; the names of all their runs."""
+    """Run the unfinished cells, one after another or as Ray tasks (--workers, --ray-address); the names of all
+    their runs. A malicious server's cells of one victim form one task, which fits the server's model once."""
     device = utils.pick_device(cfg.device)
-    servers: dict = {}
-    for cell in tqdm(cells, desc="leakage study", unit="cell"):
-        run_cell(cfg, cell, device, servers)
+    tasks: dict[Any, list[Cell]] = {}
+    for i, cell in enumerate(cells):
+        attack = cell.attacks[0]
+        tasks.setdefault((cell.victim.name, attack) if attack != AUTO and ATTACKS[attack].prepare else i, []).append(
+            cell
+        )
+    outcomes = parallel.run_tasks(
+        attack_cells, (cfg, device), list(tasks.values()), workers=cfg.workers, address=cfg.ray_address,
+        desc="leakage study",
+    )  # fmt: skip
+    lost = [c.runs[a][0] for task, out in zip(tasks.values(), outcomes, strict=True) if isinstance(out, Exception)
+            for c in task for a in c.attacks]  # fmt: skip
+    if lost:
+        print(f"note: {len(lost)} run(s) were lost with their Ray worker ({', '.join(lost)}); the same command redoes "
+              "them.", file=sys.stderr)  # fmt: skip
     return {name for cell in cells for name, _ in cell.runs.values()}
+
+
+def attack_cells(shared: tuple[config.AttackConfig, torch.device], cells: list[Cell]) -> None:
+    """One task of the study: its cells in order, sharing a malicious server's fitted model."""
+    cfg, device = shared
+    torch.set_num_threads(cfg.threads)  # a Ray worker starts with torch's own thread count
+    servers: dict = {}
+    for cell in cells:
+        run_cell(cfg, cell, device, servers)

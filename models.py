@@ -88,7 +88,10 @@ class FrozenBackbone(nn.Module):
 
     The backbone stays in eval mode even when the model is trained: a BatchNorm in train mode would mix
     the statistics of different samples, which breaks per-sample DP accounting and changes features.
+    `unfreeze` turns it into a model fine-tuned end to end (train.py --finetune full).
     """
+
+    frozen = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, image_size: int):
         super().__init__()
@@ -100,8 +103,23 @@ class FrozenBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
-        self.backbone.eval()
+        if self.frozen:
+            self.backbone.eval()
         return self
+
+    def unfreeze(self) -> FrozenBackbone:
+        """Make the backbone trainable end to end under DP-SGD: Opacus' ModuleValidator.fix replaces each
+        BatchNorm, which mixes samples, by a GroupNorm (Opacus' documented fix), so the pretrained weights
+        of every other layer are kept and the normalisation layers start afresh; in-place activations compute
+        out of place."""
+        from opacus.validators import ModuleValidator
+
+        self.backbone = ModuleValidator.fix(self.backbone.requires_grad_(True))  # it fixes trainable layers only
+        for layer in self.backbone.modules():  # Opacus' backward hooks cannot see through in-place activations
+            if getattr(layer, "inplace", False) is True:
+                layer.inplace = False
+        self.frozen = False
+        return self.train(self.training)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features of images in [0, 1]: grey to RGB, resize, ImageNet normalisation. The backbone
@@ -220,7 +238,7 @@ def create_model(name: str, in_shape: tuple[int, ...], num_classes: int, pretrai
 
 def trainable_module(model: nn.Module) -> nn.Module:
     """What training updates: the head of a frozen backbone, otherwise the whole model."""
-    return model.head if isinstance(model, FrozenBackbone) else model
+    return model.head if isinstance(model, FrozenBackbone) and model.frozen else model
 
 
 @torch.no_grad()
@@ -234,7 +252,7 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     """Save trainable weights as safetensors (never a pickled module), atomically; frozen backbones are rebuilt
     from their pretrained weights on load, so they are not copied into every run."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if isinstance(model, FrozenBackbone):
+    if isinstance(model, FrozenBackbone) and model.frozen:
         state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     atomic_write_bytes(Path(path), save(state))
 

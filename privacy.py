@@ -3,8 +3,10 @@ conversion between a target ε and a noise multiplier, always through an Opacus 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -12,11 +14,25 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
 
 from utils import UsageError
 
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
+# Opacus' per-sample gradient engines (--grad-sample-mode): hooks (its classic autograd hooks), functorch (vmap
+# over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
+# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# What `auto` tries, in this order; the first that handles the model. Ghost clipping first: on the study's cnn it
+# needed the least memory (1.9x plain against 2.9x for hooks) at about the time of hooks (bench/dp_engine_bench.py).
+ENGINE_PREFERENCE = ("ghost", "hooks", "functorch", "ew")
+# Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
+EXPANDED_WEIGHTS_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountants; "prv" is PrivacyEngine's default
 PRV_MAX_EPSILON = 100.0  # above this the prv accountant's search overflows and runs for minutes (ε = 200: ~3 min)
 
@@ -72,6 +88,86 @@ def release_epsilon(noise_multiplier: float, delta: float) -> float:
         return epsilon_spent(noise_multiplier, 1.0, 1, delta, "prv")
 
 
+def unsupported_layer(module: nn.Module, mode: str) -> str | None:
+    """The first layer Opacus cannot train in `mode`, named and with the reason; None when every layer works.
+    Opacus' ModuleValidator rules out layers that mix samples (BatchNorm) in every mode; expanded weights (ew)
+    differentiate only the layer types PyTorch implements for them, and the other engines' backward hooks
+    fail on in-place activations. hooks and ghost fall back to functorch for a layer without an Opacus
+    per-sample rule, so they handle the rest."""
+    for name, layer in module.named_modules():
+        validator = ModuleValidator.VALIDATORS.get(type(layer))
+        errors = validator(layer) if validator else []
+        if errors:
+            reason = str(errors[0]).split(". ")[0]
+            return f"layer '{name or 'model'}' ({type(layer).__name__}): {reason}"
+        if mode != "ew" and getattr(layer, "inplace", False) is True:
+            return (
+                f"layer '{name or 'model'}' ({type(layer).__name__}): it works in place, which Opacus' backward hooks "
+                "cannot differentiate through (set its inplace=False)"
+            )
+        trainable = any(p.requires_grad for p in layer.parameters(recurse=False))
+        if mode == "ew" and trainable and not isinstance(layer, EXPANDED_WEIGHTS_LAYERS):
+            return (
+                f"layer '{name or 'model'}' ({type(layer).__name__}): PyTorch's expanded weights have no per-sample "
+                "gradient for it"
+            )
+    return None
+
+
+def engine_problem(module: nn.Module, mode: str, example: torch.Tensor | None) -> str | None:
+    """Why Opacus cannot train `module` in `mode`, naming the layer; None when it can. The static check first
+    (unsupported_layer), then, given an example input (two samples), one DP-SGD step on a copy: it catches what
+    only running shows, such as a residual `x += shortcut` on a hooked layer's output (timm's ResNets), and
+    names the innermost layer whose forward pass failed."""
+    problem = unsupported_layer(module, mode)
+    if problem or example is None:
+        return problem
+    probe = copy.deepcopy(module)
+    names = {id(m): name for name, m in probe.named_modules()}
+    inputs, labels = example[:2], torch.zeros(len(example[:2]), dtype=torch.long, device=example.device)
+    try:
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+        loader = DataLoader(TensorDataset(inputs.cpu(), labels.cpu()), batch_size=len(labels))
+        _, wrapped, optimizer, criterion, _ = make_private(
+            probe, optimizer, loader, noise_multiplier=0.0, max_grad_norm=1.0, accountant="rdp", seed=0,
+            grad_sample_mode=mode,
+        )  # fmt: skip
+        criterion(wrapped(inputs), labels).backward()
+        optimizer.step()
+    except Exception as err:  # any failure of the engine on this model is the answer
+        layer, tb = None, err.__traceback__
+        while tb is not None:  # the innermost module of the probe whose code was running
+            owner = tb.tb_frame.f_locals.get("self")
+            layer = owner if id(owner) in names else layer
+            tb = tb.tb_next
+        where = f"layer '{names[id(layer)] or 'model'}' ({type(layer).__name__})" if layer is not None else "the model"
+        return f"{where}: {' '.join(str(err).split('. ')[0].split())}"
+    return None
+
+
+def choose_grad_sample_mode(module: nn.Module, mode: str, example: torch.Tensor | None = None) -> str:
+    """The engine DP-SGD trains `module` with: `mode` when Opacus handles every layer in it, for `auto` the
+    fastest that does (ENGINE_PREFERENCE). A layer no engine handles, or the asked engine cannot, is a
+    UsageError naming the layer and an engine that works, found before any run trains (engine_problem: with
+    an example input, by a trial step)."""
+    first = ENGINE_PREFERENCE[0] if mode == "auto" else mode
+    problem = engine_problem(module, first, example)
+    if problem is None:
+        return first
+    working = next((m for m in ENGINE_PREFERENCE if m != first and engine_problem(module, m, example) is None), None)
+    if working is None:
+        raise UsageError(
+            f"Opacus cannot train {problem}. No per-sample gradient engine handles it; replace it (BatchNorm by "
+            "GroupNorm: opacus.validators.ModuleValidator.fix, which --finetune full applies to backbones)."
+        )
+    if mode == "auto":
+        return working
+    raise UsageError(
+        f"--grad-sample-mode {mode} cannot train {problem}. Use --grad-sample-mode {working} (or auto), which "
+        "handles every layer of this model."
+    )
+
+
 def make_private(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -81,23 +177,38 @@ def make_private(
     max_grad_norm: float,
     accountant: str,
     seed: int,
-) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, DataLoader]:
+    grad_sample_mode: str = "hooks",
+) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, Callable, DataLoader]:
     """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the noise
     multiplier that noise_multiplier_for found for the target ε over the planned steps (what Opacus'
-    make_private_with_epsilon does, with the search done once, before any run trains)."""
+    make_private_with_epsilon does, with the search done once, before any run trains). Returns the criterion
+    too: ghost clipping's loss runs both of its backward passes in `loss.backward()`.
+
+    In a torch.distributed process group (torchrun) the module is wrapped in Opacus' DPDDP, which Opacus
+    recognises: each process samples its share of the data at the same Poisson rate, clips its own samples,
+    rank 0 alone adds the noise, and the optimizer sums the processes' gradients, so every step is one
+    sampled Gaussian mechanism with the same (q, z) as in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        module = DPDDP(module)
     engine = PrivacyEngine(accountant=accountant)
     device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
     generator = torch.Generator(device=device).manual_seed(seed)
-    module, optimizer, loader = engine.make_private(
+    wrapped = engine.make_private(
         module=module,
         optimizer=optimizer,
         data_loader=loader,
+        criterion=nn.CrossEntropyLoss(),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=generator,
+        grad_sample_mode=grad_sample_mode,
     )
-    return engine, module, optimizer, loader
+    if grad_sample_mode == "ghost":
+        module, optimizer, criterion, loader = wrapped
+    else:
+        (module, optimizer, loader), criterion = wrapped, nn.CrossEntropyLoss()
+    return engine, module, optimizer, criterion, loader
 
 
 class WeightNoiseRegularizer:

@@ -22,7 +22,7 @@ def _private_cnn(max_grad_norm: float, accountant: str, target_epsilon: float = 
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     z = noise_multiplier_for(target_epsilon, 1e-5, *poisson_schedule(64, 16, epochs), accountant)
-    engine, module, optimizer, loader = make_private(
+    engine, module, optimizer, _, loader = make_private(
         model, optimizer, loader, noise_multiplier=z, max_grad_norm=max_grad_norm, accountant=accountant, seed=0
     )
     return model, engine, module, optimizer, loader, x, y
@@ -116,7 +116,7 @@ def test_a_dp_sgd_step_runs_with_the_model_on_the_gpu():
     loader = DataLoader(TensorDataset(torch.rand(64, 1, 12, 12), torch.randint(0, 3, (64,))), batch_size=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     z = noise_multiplier_for(8.0, 1e-5, *poisson_schedule(64, 16, 1), "prv")
-    _, module, optimizer, loader = make_private(
+    _, module, optimizer, _, loader = make_private(
         model, optimizer, loader, noise_multiplier=z, max_grad_norm=1.0, accountant="prv", seed=0
     )
     before = [p.detach().clone() for p in model.parameters()]
