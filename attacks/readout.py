@@ -33,7 +33,9 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
-PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+PEEL_ROUNDS = 8  # a malicious layer's peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+FIRING_MARGIN = 1e-4  # a candidate "fires" a neuron only this far (relative to the pre-activation's scale) above
+# 0: a sample whose pre-activation is within float32 rounding of 0 may flip in its readout (faces, honest fcnn)
 ALTERNATING_STEPS = 30  # rank-one readout: exact data converge in 1-3; noisy ones settle within ~20
 
 
@@ -178,6 +180,8 @@ def read_layer(
     num_classes: int,
     input_shape: tuple[int, ...],
     combos: torch.Tensor | None = None,
+    rounds: int = PEEL_ROUNDS,
+    factorise: bool = False,
 ) -> Readout:
     """Read samples off the readout layer's gradient (a mean over `batch_size` samples).
 
@@ -188,30 +192,48 @@ def read_layer(
 
     Exact readouts are ranked by how many readouts agree on them, then by mismatch: a real sample alone on
     several neurons is read several times with a mismatch near 0, while a mixture that passes the check by
-    chance is read once, so it cannot displace a real sample from the first `batch_size` rows."""
+    chance is read once, so it cannot displace a real sample from the first `batch_size` rows.
+
+    An honest layer needs more `rounds` (up to ~20 at B = 128: each round frees a few samples), and where no
+    neuron holds a sample alone any more, `factorise` looks for the rest by the sparse factorisation of what
+    is left (attacks/sparse.py), checked the same way; each sample it finds lets peeling go on."""
     combos = torch.eye(len(grad_b)) if combos is None else combos
     dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size  # sums over the batch
     combos = combos.double()
     floor = SIGNAL_FLOOR * (combos @ db).abs().max().clamp_min(1e-30)
-    silent = db.abs() <= SIGNAL_FLOOR * db.abs().max()  # neurons no sample fired
+    silent = (db.abs() <= SIGNAL_FLOOR * db.abs().max()) & (
+        dw.abs().amax(1) <= SIGNAL_FLOOR * dw.abs().max()
+    )  # neurons no sample fired (with two classes, two samples' bias gradients can cancel, their weights' not)
     rounding = rounding_errors(combos, db)
     known_x, known_y, known_rank = [], [], []
-    for _ in range(PEEL_ROUNDS):
+    for _ in range(rounds):
         cand_x, cand_y, error = _check_readouts(
             model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
         )
         ok = error < 1
         new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
-        if not len(new):
+        if len(new):
+            new_x, new_y = cand_x[ok][new], cand_y[ok][new]
+            support = torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)
+            known_rank.append(error[ok][new] - support.sum(1))  # support first (an integer), mismatch breaks ties
+        elif factorise and sum(map(len, known_x)) < batch_size:
+            from attacks.sparse import factorised_samples  # here: attacks.sparse builds on this module
+
+            new_x, new_y, mismatch = factorised_samples(
+                model, dw, db, batch_size - sum(map(len, known_x)), silent, num_classes, input_shape
+            )
+            new = _distinct(new_x, torch.cat(known_x) if known_x else None)
+            if not len(new):
+                break
+            new_x, new_y = new_x[new], new_y[new]
+            known_rank.append(mismatch[new] - 1)  # one readout each: after the samples read on several neurons
+        else:
             break
-        new_x, new_y = cand_x[ok][new], cand_y[ok][new]
-        support = (torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)).sum(1)
-        known_rank.append(error[ok][new] - support)  # support first (an integer), mismatch (< 1) breaks ties
         g = preactivation_grads(model, new_x.float(), new_y, input_shape).double()
         dw, db = dw - g.T @ new_x, db - g.sum(0)
         known_x.append(new_x)
         known_y.append(new_y)
-    rank = torch.cat(known_rank).argsort() if known_x else torch.zeros(0, dtype=torch.long)
+    rank = torch.cat(known_rank).argsort()[:batch_size] if known_x else torch.zeros(0, dtype=torch.long)
     exact_x = torch.cat(known_x)[rank] if known_x else dw.new_zeros(0, dw.shape[1])
     exact_y = torch.cat(known_y)[rank] if known_y else torch.zeros(0, dtype=torch.long)
     rest = _distinct(cand_x[error.argsort()], exact_x)
@@ -264,13 +286,25 @@ def _check_readouts(
     g = preactivation_grads(model, x.float().repeat_interleave(num_classes, 0), labels, input_shape).double()
     predicted = (g.view(len(rows), num_classes, -1) * combos[rows][:, None, :]).sum(-1)
     error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
-    error[((g.view(len(rows), num_classes, -1) != 0) & silent).any(-1)] = math.inf
+    error[firing_silent(model, x, silent)] = math.inf
     error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows, None] / observed.abs()
     best = error.min(1)
     return x, best.indices, best.values
 
 
-def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor:
+def firing_silent(model: nn.Module, x: torch.Tensor, silent: torch.Tensor) -> torch.Tensor:
+    """Which candidates x (readout-layer inputs) clearly fire a `silent` neuron, one no sample of the batch
+    fired: their pre-activation there is above 0 by more than FIRING_MARGIN of its scale, so that a real
+    sample lying within rounding of a neuron's threshold is not rejected. Only for a layer followed by a
+    ReLU: a classifier read directly (LeNet) has no silent neurons to speak of, and is left unchecked."""
+    layer = readout_layer(model)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    z = x.double() @ w.T + b
+    scale = x.double().abs() @ w.abs().T + b.abs()
+    return ((z > FIRING_MARGIN * scale) & silent).any(-1)
+
+
+def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 5e-2) -> torch.Tensor:
     """Indices of the rows of x that differ (max abs difference above tol, relative to the row's scale)
     from every earlier kept row and from `known`: one sample alone on several neurons is read once."""
     pool = x if known is None else torch.cat([known, x])
@@ -315,13 +349,15 @@ def read_update(
     input_shape: tuple[int, ...],
     num_classes: int,
     combos: torch.Tensor | None = None,
+    rounds: int = PEEL_ROUNDS,
+    factorise: bool = False,
 ) -> Readout:
     """read_layer on the readout layer of `model` for an update; under secure aggregation the update sums
     several clients' mean gradients, read as one larger batch."""
     grad_w, grad_b = readout_gradients(model, update)
     scale = 1.0 / update.num_clients
     batch = update.batch_size * update.num_clients
-    return read_layer(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos)
+    return read_layer(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos, rounds, factorise)
 
 
 def on_cpu(model: nn.Module, update: SharedUpdate) -> tuple[nn.Module, SharedUpdate]:
