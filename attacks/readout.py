@@ -141,31 +141,40 @@ def layer_inputs(model: nn.Module, images: torch.Tensor, chunk: int = 256) -> to
     return torch.cat([readout_inputs(model, images[i : i + chunk]) for i in range(0, len(images), chunk)])
 
 
+def forward_from_layer(
+    model: nn.Module, inputs: torch.Tensor, input_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the readout layer's pre-activations z when the layer receives `inputs`.
+
+    The layer's input is replaced by `inputs` with a forward pre-hook, so this works whether the layer reads
+    pixels (fcnn, imprint) or conv features (cnn; the convolutions then run on one blank image, since their
+    output is replaced)."""
+    layer = readout_layer(model)
+    images = inputs.view(len(inputs), *input_shape) if reads_pixels(model, input_shape) else None
+    images = inputs.new_zeros(1, *input_shape) if images is None else images  # replaced anyway
+    z: list[torch.Tensor] = []
+    pre = layer.register_forward_pre_hook(lambda m, args: (inputs,))
+    post = layer.register_forward_hook(lambda m, args, output: z.append(output))
+    try:
+        logits = model(images)
+    finally:
+        pre.remove()
+        post.remove()
+    return logits, z[0]
+
+
 def preactivation_grads(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...], chunk: int = 2048
 ) -> torch.Tensor:
     """dL/dz of the readout layer for each (input, label) as a lone sample: what it would add to dL/db.
-
-    The readout layer's input is replaced by `inputs` with a forward pre-hook, so this works whether the
-    layer reads pixels (fcnn, imprint) or conv features (cnn; the convolutions then run on one blank image,
-    since their output is replaced). Samples do not interact in these models (no BatchNorm), so one summed
-    loss gives every per-sample gradient at once."""
-    layer = readout_layer(model)
-    feeds_pixels = reads_pixels(model, input_shape)
+    Samples do not interact in these models (no BatchNorm), so one summed loss gives every per-sample
+    gradient at once."""
     out = []
     for i in range(0, len(inputs), chunk):
-        x, y = inputs[i : i + chunk], labels[i : i + chunk]
-        images = x.view(len(x), *input_shape) if feeds_pixels else x.new_zeros(1, *input_shape)  # replaced anyway
-        z: list[torch.Tensor] = []
-        pre = layer.register_forward_pre_hook(lambda m, args, x=x: (x,))
-        post = layer.register_forward_hook(lambda m, args, output, z=z: z.append(output))
-        try:
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(images), y, reduction="sum")
-                out.append(torch.autograd.grad(loss, z[0])[0].detach())
-        finally:
-            pre.remove()
-            post.remove()
+        with torch.enable_grad():
+            logits, z = forward_from_layer(model, inputs[i : i + chunk], input_shape)
+            loss = F.cross_entropy(logits, labels[i : i + chunk], reduction="sum")
+            out.append(torch.autograd.grad(loss, z)[0].detach())
     return torch.cat(out)
 
 
