@@ -96,14 +96,26 @@ def run_fc_peel(
     return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
 
 
+def mixing_columns(rows: torch.Tensor, components: int, seed: int) -> torch.Tensor:
+    """FastICA on the gradient `rows` (one per neuron, each a mixture of the samples' (x, 1)): the input
+    coordinates are ICA's observations and the neurons its mixed signals, so the `components` independent
+    sources are the samples and the mixing matrix's columns (returned as rows, (components, neurons)) are
+    each sample's gradient on every neuron, up to sign and scale."""
+    from sklearn.decomposition import FastICA
+
+    ica = FastICA(n_components=components, whiten="unit-variance", max_iter=200, tol=1e-4, random_state=seed)
+    with warnings.catch_warnings():  # a batch that does not separate well still gives its best components
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        ica.fit(rows.T.numpy())
+    return torch.from_numpy(ica.mixing_.T.copy())
+
+
 def cpa_readout(model: nn.Module, update: SharedUpdate, num_classes: int, input_shape: tuple[int, ...], seed: int):
     """The cocktail-party attack on the readout layer: FastICA on the rows [dL/dW_i | dL/db_i] of the neurons
     that carry gradient, as many components as the gradient has rank (at most the batch size). Each
     component's mixing column is its sample's gradient on every neuron, so the components go through the
     same column check as the sparse factorisation; those that pass are exact, the rest are reported as
     unchecked readouts (a component that mixes samples or misses a sample's sign pattern)."""
-    from sklearn.decomposition import FastICA
-
     grad_w, grad_b = readout_gradients(model, update)
     batch = num_reconstructed(update)
     residual = torch.cat([grad_w, grad_b[:, None]], 1).double() * batch / update.num_clients
@@ -111,11 +123,7 @@ def cpa_readout(model: nn.Module, update: SharedUpdate, num_classes: int, input_
     live = norms > ZERO_TOLERANCE * norms.max().clamp_min(1e-300)
     singular = torch.linalg.svdvals(residual[live])
     rank = min(batch, int((singular > 1e-7 * singular[0]).sum()))
-    ica = FastICA(n_components=rank, whiten="unit-variance", max_iter=200, tol=1e-4, random_state=seed)
-    with warnings.catch_warnings():  # a batch that does not separate well still gives its best components
-        warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        ica.fit(residual[live].T.numpy())  # samples: input coordinates; features: neurons
-    columns = torch.from_numpy(ica.mixing_.T.copy())  # (rank, live neurons)
+    columns = mixing_columns(residual[live], rank, seed)
     silent = norms <= SIGNAL_FLOOR * norms.max()
     x, labels, error = checked_columns(model, columns, live, residual, silent, num_classes, input_shape)
     exact = int((error < 1).sum())
