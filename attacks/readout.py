@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attacks.labels import last_layer_gradients
 from defenses import SharedUpdate, trainable_parameters
 from utils import UsageError
 
@@ -33,6 +34,8 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
+BATCH_TOLERANCE = 1e-4  # a whole batch explains the layer's gradient to this relative L2 residual (float32
+# gradients leave ~1e-6; one sample missing or wrong leaves > 1e-2)
 PEEL_ROUNDS = 8  # a malicious layer's peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 FIRING_MARGIN = 1e-4  # a candidate "fires" a neuron only this far (relative to the pre-activation's scale) above
 # 0: a sample whose pre-activation is within float32 rounding of 0 may flip in its readout (faces, honest fcnn)
@@ -191,6 +194,7 @@ def read_layer(
     combos: torch.Tensor | None = None,
     rounds: int = PEEL_ROUNDS,
     factorise: bool = False,
+    head_errors: torch.Tensor | None = None,
 ) -> Readout:
     """Read samples off the readout layer's gradient (a mean over `batch_size` samples).
 
@@ -205,7 +209,9 @@ def read_layer(
 
     An honest layer needs more `rounds` (up to ~20 at B = 128: each round frees a few samples), and where no
     neuron holds a sample alone any more, `factorise` looks for the rest by the sparse factorisation of what
-    is left (attacks/sparse.py), checked the same way; each sample it finds lets peeling go on."""
+    is left (attacks/sparse.py), checked the same way; each sample it finds lets peeling go on. With
+    `head_errors` (the classifier's bias gradient, summed over the batch) it also reads the neurons that all
+    samples but one fire (attacks/complement.py), the common case in a trained layer."""
     combos = torch.eye(len(grad_b)) if combos is None else combos
     dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size  # sums over the batch
     combos = combos.double()
@@ -214,11 +220,15 @@ def read_layer(
         dw.abs().amax(1) <= SIGNAL_FLOOR * dw.abs().max()
     )  # neurons no sample fired (with two classes, two samples' bias gradients can cancel, their weights' not)
     rounding = rounding_errors(combos, db)
+    complement = complement_of(model, dw, db, head_errors)
     known_x, known_y, known_rank = [], [], []
     for _ in range(rounds):
         cand_x, cand_y, error = _check_readouts(
             model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
         )
+        if complement is not None:
+            more = complement.readouts(dw, db, floor, silent, num_classes, input_shape)
+            cand_x, cand_y, error = (torch.cat([a, b]) for a, b in zip((cand_x, cand_y, error), more, strict=True))
         ok = error < 1
         new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
         if len(new):
@@ -240,8 +250,16 @@ def read_layer(
             break
         g = preactivation_grads(model, new_x.float(), new_y, input_shape).double()
         dw, db = dw - g.T @ new_x, db - g.sum(0)
+        rounding = rounding + torch.finfo(torch.float32).eps * (combos.abs() @ g.abs().sum(0))  # what was removed
+        if complement is not None:
+            complement.remove(new_x, new_y, input_shape)
         known_x.append(new_x)
         known_y.append(new_y)
+    if complement is not None:  # certified only as a whole batch that explains the gradient; else without
+        whole = whole_batch(model, known_x, known_y, grad_w, grad_b, batch_size, input_shape)
+        if whole is None:
+            return read_layer(model, grad_w, grad_b, batch_size, num_classes, input_shape, None, rounds, factorise)
+        return whole
     rank = torch.cat(known_rank).argsort()[:batch_size] if known_x else torch.zeros(0, dtype=torch.long)
     exact_x = torch.cat(known_x)[rank] if known_x else dw.new_zeros(0, dw.shape[1])
     exact_y = torch.cat(known_y)[rank] if known_y else torch.zeros(0, dtype=torch.long)
@@ -257,9 +275,52 @@ def read_layer(
     )
 
 
+def whole_batch(
+    model: nn.Module,
+    known_x: list[torch.Tensor],
+    known_y: list[torch.Tensor],
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor,
+    batch_size: int,
+    input_shape: tuple[int, ...],
+) -> Readout | None:
+    """The batch read with complement readouts, certified as a whole: with every sample's ReLU pattern and
+    softmax error taken from its readout, the inputs are refitted jointly to the whole gradient (least squares
+    over all neurons, twice), and the batch counts only if it then explains the layer's gradient to
+    BATCH_TOLERANCE. Complement readouts of confident samples (tiny gradients) carry float32 errors that a
+    scalar check cannot bound once they are subtracted; the joint fit removes them, and a wrong or repeated
+    sample leaves a residual no fit can close. None if the batch is incomplete or does not explain it."""
+    if sum(map(len, known_x)) != batch_size:
+        return None
+    x, y = torch.cat(known_x), torch.cat(known_y)
+    dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size
+    for _ in range(2):
+        g = preactivation_grads(model, x.float(), y, input_shape).double()
+        x = torch.linalg.lstsq(g.T, dw).solution
+    g = preactivation_grads(model, x.float(), y, input_shape).double()
+    miss_w = (dw - g.T @ x).norm() / dw.norm().clamp_min(1e-30)
+    miss_b = (db - g.sum(0)).norm() / db.norm().clamp_min(1e-30)
+    if max(miss_w, miss_b) > BATCH_TOLERANCE:
+        return None
+    return Readout(x.float(), y, exact=batch_size, collisions=0, unexplained=float(miss_w))
+
+
+def complement_of(model: nn.Module, dw: torch.Tensor, db: torch.Tensor, head_errors: torch.Tensor | None):
+    """The complement readouts (attacks/complement.py) where the classifier reads this layer directly and
+    enough neurons are fired by every sample to give T; else None."""
+    if head_errors is None:
+        return None
+    from attacks.complement import Complement, classifier_after  # here: attacks.complement builds on this module
+
+    head = classifier_after(model)
+    complement = Complement(model, head, dw, db, head_errors) if head is not None else None
+    return complement if complement is not None and complement.ready else None
+
+
 def rounding_errors(combos: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
     """The float32 rounding error to expect in each readout's bias gradient: machine epsilon times the
-    absolute gradient mass of the neurons it combines. A neuron's mass is estimated as the sum of the
+    absolute gradient mass of the neurons it combines (peeling adds the mass of every sample it subtracts:
+    the rounding of the shared sum stays in the residual when the sum is taken apart). A neuron's mass is estimated as the sum of the
     absolute readouts it contains (for RtF's cumulative neurons, the bins above its threshold), since
     samples of opposite signs cancel in the neuron's own sum but not in its rounding."""
     readouts = (combos @ db).abs()
@@ -313,7 +374,7 @@ def firing_silent(model: nn.Module, x: torch.Tensor, silent: torch.Tensor) -> to
     return ((z > FIRING_MARGIN * scale) & silent).any(-1)
 
 
-def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 5e-2) -> torch.Tensor:
+def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor:
     """Indices of the rows of x that differ (max abs difference above tol, relative to the row's scale)
     from every earlier kept row and from `known`: one sample alone on several neurons is read once."""
     pool = x if known is None else torch.cat([known, x])
@@ -366,7 +427,10 @@ def read_update(
     grad_w, grad_b = readout_gradients(model, update)
     scale = 1.0 / update.num_clients
     batch = update.batch_size * update.num_clients
-    return read_layer(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos, rounds, factorise)
+    errors = last_layer_gradients(model, update.gradients).double() * scale * batch if factorise else None
+    return read_layer(
+        model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos, rounds, factorise, errors
+    )
 
 
 def on_cpu(model: nn.Module, update: SharedUpdate) -> tuple[nn.Module, SharedUpdate]:
