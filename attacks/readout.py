@@ -34,8 +34,9 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
-BATCH_TOLERANCE = 1e-4  # a whole batch explains the layer's gradient to this relative L2 residual (float32
-# gradients leave ~1e-6; one sample missing or wrong leaves > 1e-2)
+BATCH_TOLERANCE = 1e-2  # a whole batch explains the layer's gradient to this relative L2 residual: the true
+# batch leaves ~1e-7, the complement-peeled readouts ~3e-3 (float32 errors up to ~2e-3 in the late rounds flip
+# a few near-threshold neurons; digits, B = 128), a batch with a sample missing more (its share of the gradient)
 PEEL_ROUNDS = 8  # a malicious layer's peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 FIRING_MARGIN = 1e-4  # a candidate "fires" a neuron only this far (relative to the pre-activation's scale) above
 # 0: a sample whose pre-activation is within float32 rounding of 0 may flip in its readout (faces, honest fcnn)
@@ -284,21 +285,19 @@ def whole_batch(
     batch_size: int,
     input_shape: tuple[int, ...],
 ) -> Readout | None:
-    """The batch read with complement readouts, certified as a whole: with every sample's ReLU pattern and
-    softmax error taken from its readout, the inputs are refitted jointly to the whole gradient (least squares
-    over all neurons, twice), and the batch counts only if it then explains the layer's gradient to
-    BATCH_TOLERANCE. Complement readouts of confident samples (tiny gradients) carry float32 errors that a
-    scalar check cannot bound once they are subtracted; the joint fit removes them, and a wrong or repeated
-    sample leaves a residual no fit can close. None if the batch is incomplete or does not explain it."""
+    """The batch read with complement readouts, certified as a whole on top of each sample's own check: with
+    every sample's ReLU pattern and softmax error (its column of per-neuron gradients) taken from its readout,
+    the least-squares fit of the inputs to the whole gradient must explain it to BATCH_TOLERANCE, and so must
+    the columns' sum explain the bias gradient. A repeated sample leaves another unread, whose share of the
+    gradient no fit closes. None if the batch is incomplete or does not explain it. The readouts themselves
+    are returned: the joint fit is ill-conditioned along confident samples' small columns."""
     if sum(map(len, known_x)) != batch_size:
         return None
     x, y = torch.cat(known_x), torch.cat(known_y)
     dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size
-    for _ in range(2):
-        g = preactivation_grads(model, x.float(), y, input_shape).double()
-        x = torch.linalg.lstsq(g.T, dw).solution
     g = preactivation_grads(model, x.float(), y, input_shape).double()
-    miss_w = (dw - g.T @ x).norm() / dw.norm().clamp_min(1e-30)
+    fit = torch.linalg.lstsq(g.T, dw).solution
+    miss_w = (dw - g.T @ fit).norm() / dw.norm().clamp_min(1e-30)
     miss_b = (db - g.sum(0)).norm() / db.norm().clamp_min(1e-30)
     if max(miss_w, miss_b) > BATCH_TOLERANCE:
         return None
