@@ -19,6 +19,7 @@ components are the samples up to sign and scale, which the bias coordinate (1 fo
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,38 +63,19 @@ def lone_sample_readout(model: nn.Module, update: SharedUpdate, input_shape: tup
     return Readout(x[None], label, exact=exact, collisions=0, unexplained=unexplained)
 
 
-def run_fc_readout(
-    model: nn.Module,
-    update: SharedUpdate,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    cfg: AttackConfig,
-    observe: Observer,
-) -> Reconstruction:
-    """The readout of the first fully connected layer, then the images (pixels as read, or features
-    inverted); exact for one sample, partial for a batch (the samples some neuron holds alone)."""
-    model, update = on_cpu(model, update)
+def fc_readout(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int):
+    """The readout of the first fully connected layer: exact for one sample, partial for a batch (the
+    samples some neuron holds alone, a few peeling rounds)."""
     if num_reconstructed(update) == 1:
-        readout = lone_sample_readout(model, update, input_shape)
-    else:
-        readout = read_update(model, update, input_shape, num_classes)
-    return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
+        return lone_sample_readout(model, update, input_shape)
+    return read_update(model, update, input_shape, num_classes)
 
 
-def run_fc_peel(
-    model: nn.Module,
-    update: SharedUpdate,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    cfg: AttackConfig,
-    observe: Observer,
-) -> Reconstruction:
-    """Peeling to the end, then the sparse factorisation of the rest: every reported sample is certified by
-    the single-sample check; what stays unresolved is filled with the best unchecked readouts."""
-    model, update = on_cpu(model, update)
+def fc_peel(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int):
+    """Peeling to the end (from both sides where the classifier follows), then the sparse factorisation of
+    the rest: every reported sample is certified; what stays unresolved is filled with unchecked readouts."""
     batch = num_reconstructed(update)
-    readout = read_update(model, update, input_shape, num_classes, rounds=batch, factorise=True)
-    return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
+    return read_update(model, update, input_shape, num_classes, rounds=batch, factorise=True)
 
 
 def mixing_columns(rows: torch.Tensor, components: int, seed: int) -> torch.Tensor:
@@ -110,7 +92,7 @@ def mixing_columns(rows: torch.Tensor, components: int, seed: int) -> torch.Tens
     return torch.from_numpy(ica.mixing_.T.copy())
 
 
-def cpa_readout(model: nn.Module, update: SharedUpdate, num_classes: int, input_shape: tuple[int, ...], seed: int):
+def cpa_readout(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int):
     """The cocktail-party attack on the readout layer: FastICA on the rows [dL/dW_i | dL/db_i] of the neurons
     that carry gradient, as many components as the gradient has rank (at most the batch size). Each
     component's mixing column is its sample's gradient on every neuron, so the components go through the
@@ -131,38 +113,42 @@ def cpa_readout(model: nn.Module, update: SharedUpdate, num_classes: int, input_
     return Readout(x.float(), labels, exact=exact, collisions=len(x) - exact, unexplained=unexplained)
 
 
-def run_cpa(
-    model: nn.Module,
-    update: SharedUpdate,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    cfg: AttackConfig,
-    observe: Observer,
-) -> Reconstruction:
-    """The cocktail-party attack: the batch unmixed from the readout layer's gradient, then the images
-    (pixels as unmixed, or features inverted)."""
-    model, update = on_cpu(model, update)
-    readout = cpa_readout(model, update, num_classes, input_shape, cfg.seed)
-    return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
+def readout_attack(read: Callable[..., Readout]) -> Callable[..., Reconstruction]:
+    """An attack from a readout `read(model, update, input_shape, num_classes, seed)`: the readout on CPU
+    copies, then the images (pixels as read, or features inverted)."""
+
+    def run(
+        model: nn.Module,
+        update: SharedUpdate,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        cfg: AttackConfig,
+        observe: Observer,
+    ) -> Reconstruction:
+        model, update = on_cpu(model, update)
+        readout = read(model, update, input_shape, num_classes, cfg.seed)
+        return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
+
+    return run
 
 
 ATTACKS = {
     "fc-readout": Attack(
-        run_fc_readout,
+        readout_attack(fc_readout),
         1,
         description="exact readout of the first FC layer's input, then inversion",
         settings=INVERSION_SETTINGS,
         check=readout_layer,
     ),
     "fc-peel": Attack(
-        run_fc_peel,
+        readout_attack(fc_peel),
         1,
         description="whole batches from an honest FC layer: peeling, then sparse factorisation; each sample checked",
         settings=INVERSION_SETTINGS,
         check=readout_layer,
     ),
     "cpa": Attack(
-        run_cpa,
+        readout_attack(cpa_readout),
         1,
         description="cocktail-party attack: FastICA unmixes the FC layer's gradient into the batch",
         settings=INVERSION_SETTINGS,
