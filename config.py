@@ -200,10 +200,12 @@ class AttackConfig:
     none and each gradient defense, a DP-SGD run dp-sgd at its own ε, a regularized run regularized), and the
     whole default grid for the demonstration victim"""
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
-    """auto, or any of fc-readout ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf, and on a FedAvg update
-    (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that applies to the
-    victim (fc-readout, ig, and idlg on smooth networks; fc-readout alone on a frozen backbone's head), each in its own run, and keeps per batch the one whose reconstruction best explains
-    the shared update. prior-aware (alone) watches DP-SGD train a fresh model and picks the target among 10
+    """auto, or any of fc-readout fc-peel cpa ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf, and on a FedAvg
+    update (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that applies
+    to the victim (fc-readout, ig, and idlg on smooth networks; for batch sizes above 1 also fc-peel, and cpa
+    on fully connected victims; fc-readout alone on a frozen backbone's head), each in its own run, and keeps
+    per batch the one whose reconstruction best explains the shared update. prior-aware (alone) watches DP-SGD
+    train a fresh model and picks the target among 10
     candidates, --trials times per ε: the attack that shows whether the bound on any attack is tight"""
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
     local_epochs: int = 1

@@ -180,21 +180,28 @@ def victim_mechanisms(cfg: config.AttackConfig, victim: Victim) -> list[Mechanis
     return parse_mechanisms(own.get(victim.privacy, config.DEFAULT_MECHANISMS))
 
 
-def auto_candidates(model: nn.Module) -> list[str]:
+def auto_candidates(model: nn.Module, batch_sizes: list[int] | tuple[int, ...] = (1,)) -> list[str]:
     """The honest attacks `auto` runs on a victim: the FC readout everywhere; Inverting Gradients, made for
     ReLU networks, wherever the gradient reaches the pixels cheaply (a frozen backbone's head gives its
     features exactly, which the readout inverts, and optimising pixels through a 224-pixel backbone would
     take hours on a CPU); and iDLG's L-BFGS where the network is smooth (sigmoid or tanh activations, as in
-    the DLG LeNet), the case it was made for: on ReLU networks it does not converge."""
+    the DLG LeNet), the case it was made for: on ReLU networks it does not converge. For batches (some batch
+    size above 1) the whole-batch readouts join: fc-peel on every model with a hidden FC layer to read, and
+    the cocktail-party attack on fully connected ones (on a CNN it would add a second feature inversion for
+    a batch that fc-peel reads better: bench/honest_bench.py)."""
     if isinstance(model, FrozenBackbone):
         return ["fc-readout"]
     smooth = any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in model.modules())
-    return ["fc-readout", "idlg", "ig"] if smooth else ["fc-readout", "ig"]
+    batches = max(batch_sizes) > 1
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    whole = ["fc-peel"] + ([] if convolutional else ["cpa"]) if batches else []
+    return ["fc-readout", *whole, "idlg", "ig"] if smooth else ["fc-readout", *whole, "ig"]
 
 
 def victim_attacks(cfg: config.AttackConfig, victim: Victim) -> list[str]:
     """The attacks run on a victim, `auto` expanded into its candidates (which run first, in their own rows)."""
-    expanded = [a for name in cfg.attacks for a in (auto_candidates(victim.model) if name == AUTO else [name])]
+    candidates = auto_candidates(victim.model, cfg.batch_sizes)
+    expanded = [a for name in cfg.attacks for a in (candidates if name == AUTO else [name])]
     return list(dict.fromkeys(expanded + ([AUTO] if AUTO in cfg.attacks else [])))
 
 
@@ -405,7 +412,7 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
     for attack in attacks:
         if attack != AUTO and ATTACKS[attack].check:
             ATTACKS[attack].check(victim.model)
-    candidates = auto_candidates(victim.model) if AUTO in attacks else []
+    candidates = auto_candidates(victim.model, cfg.batch_sizes) if AUTO in attacks else []
     local = f"-e{cfg.local_epochs}x{cfg.local_batches}" if cfg.local_epochs * cfg.local_batches > 1 else ""
     groups = [[a for a in attacks if a == AUTO or not ATTACKS[a].prepare]] + [
         [a] for a in attacks if a != AUTO and ATTACKS[a].prepare

@@ -99,3 +99,9 @@ def reconstruction_scores(originals: torch.Tensor, reconstructions: torch.Tensor
 
 def _flat(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().double().clamp(0, 1).flatten().numpy()
+
+
+def count_accuracy(predicted, labels, num_classes: int) -> float:
+    """iLRG's count accuracy of a batch's labels, whatever their order: sum_c min(n̂_c, n_c) / B."""
+    counts = lambda y: np.bincount(np.asarray(y), minlength=num_classes)  # noqa: E731
+    return float(np.minimum(counts(predicted), counts(labels)).sum() / len(labels))

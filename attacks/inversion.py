@@ -161,7 +161,7 @@ def with_counted_labels(
     (attacks.labels) and the exact readouts do not account for."""
     if readout.exact >= len(readout.inputs):
         return readout
-    left = recover_labels(model, update, input_shape, count, seed).tolist()
+    left = recover_labels(model, update, input_shape, count, seed, readout.inputs[: readout.exact]).tolist()
     for label in readout.labels[: readout.exact].tolist():
         if label in left:
             left.remove(label)

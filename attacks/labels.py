@@ -2,8 +2,12 @@
 
 For softmax cross-entropy averaged over a batch of B samples, the classifier's bias gradient is
 g_c = mean_i p_ic - n_c / B, with p the predicted probabilities and n_c how many samples carry label c.
-For one sample only the true class has g_c < 0 (iDLG, Zhao et al. 2020). For a batch we count:
-n_c = B (p̄_c - g_c), with p̄ estimated from the model's mean prediction on random inputs.
+For one sample only the true class has g_c < 0 (iDLG, Zhao et al. 2020). For a batch we count
+n_c = B (p̄_c - g_c) (iLRG, Ma et al. ICLR 2023): the counts are exact once the batch's mean prediction p̄ is,
+and p̄ is known exactly where the samples' inputs to the last layers are (iLRG recovers them at initialisation;
+here the exact readouts of fc-peel give them). Samples the server has not read are estimated by the mean
+prediction of those it has read (real samples of the same data), or, with none read, of uniform random inputs
+(at initialisation nearly every input gives the same prediction, the case iLRG's 1/C estimate rests on).
 Without a bias, the weight rows play its role: their sums are g_c times the (non-negative) activations.
 """
 
@@ -34,16 +38,37 @@ def mean_prediction(model: nn.Module, input_shape: tuple[int, ...], samples: int
     return model(x).softmax(1).mean(0)
 
 
+@torch.no_grad()
+def batch_mean_prediction(
+    model: nn.Module, input_shape: tuple[int, ...], count: int, read: torch.Tensor | None, seed: int
+) -> torch.Tensor:
+    """p̄ of a batch of `count`: exact for the `read` samples (their readout-layer inputs), the read samples'
+    mean for the others (or, with none read, the mean prediction on random inputs)."""
+    if read is None or not len(read):
+        return mean_prediction(model, input_shape, seed=seed).cpu().double()
+    from attacks.readout import forward_from_layer
+
+    device = next(model.parameters()).device
+    known = forward_from_layer(model, read[:count].to(device), input_shape)[0].softmax(1).cpu().double()
+    return known.mean(0) if len(known) >= count else (known.sum(0) + (count - len(known)) * known.mean(0)) / count
+
+
 def recover_labels(
-    model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], count: int, seed: int = 0
+    model: nn.Module,
+    update: SharedUpdate,
+    input_shape: tuple[int, ...],
+    count: int,
+    seed: int = 0,
+    read: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`count` labels (sorted) behind the update. One sample: iDLG. More: every class with a negative
-    gradient holds at least one sample, and the rest go to the largest remaining B (p̄_c - g_c)."""
+    gradient holds at least one sample, and the rest go to the largest remaining B (p̄_c - g_c), with p̄
+    from the samples already `read` (their inputs to the readout layer) where there are any."""
     grads = tuple(g / update.num_clients for g in update.gradients)
     signal = last_layer_gradients(model, grads).detach().cpu().double()
     if count == 1:
         return torch.tensor([int(signal.argmin())])
-    estimate = count * (mean_prediction(model, input_shape, seed=seed).cpu().double() - signal)
+    estimate = count * (batch_mean_prediction(model, input_shape, count, read, seed) - signal)
     counts = torch.zeros_like(signal, dtype=torch.long)
     for c in torch.argsort(signal)[:count]:
         if signal[c] < 0:

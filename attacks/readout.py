@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attacks.labels import last_layer_gradients
 from defenses import SharedUpdate, trainable_parameters
 from utils import UsageError
 
@@ -33,7 +34,12 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
-PEEL_ROUNDS = 8  # peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+BATCH_TOLERANCE = 1e-2  # a whole batch explains the layer's gradient to this relative L2 residual: the true
+# batch leaves ~1e-7, the complement-peeled readouts ~3e-3 (float32 errors up to ~2e-3 in the late rounds flip
+# a few near-threshold neurons; digits, B = 128), a batch with a sample missing more (its share of the gradient)
+PEEL_ROUNDS = 8  # a malicious layer's peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
+FIRING_MARGIN = 1e-4  # a candidate "fires" a neuron only this far (relative to the pre-activation's scale) above
+# 0: a sample whose pre-activation is within float32 rounding of 0 may flip in its readout (faces, honest fcnn)
 ALTERNATING_STEPS = 30  # rank-one readout: exact data converge in 1-3; noisy ones settle within ~20
 
 
@@ -139,31 +145,40 @@ def layer_inputs(model: nn.Module, images: torch.Tensor, chunk: int = 256) -> to
     return torch.cat([readout_inputs(model, images[i : i + chunk]) for i in range(0, len(images), chunk)])
 
 
+def forward_from_layer(
+    model: nn.Module, inputs: torch.Tensor, input_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the readout layer's pre-activations z when the layer receives `inputs`.
+
+    The layer's input is replaced by `inputs` with a forward pre-hook, so this works whether the layer reads
+    pixels (fcnn, imprint) or conv features (cnn; the convolutions then run on one blank image, since their
+    output is replaced)."""
+    layer = readout_layer(model)
+    images = inputs.view(len(inputs), *input_shape) if reads_pixels(model, input_shape) else None
+    images = inputs.new_zeros(1, *input_shape) if images is None else images  # replaced anyway
+    z: list[torch.Tensor] = []
+    pre = layer.register_forward_pre_hook(lambda m, args: (inputs,))
+    post = layer.register_forward_hook(lambda m, args, output: z.append(output))
+    try:
+        logits = model(images)
+    finally:
+        pre.remove()
+        post.remove()
+    return logits, z[0]
+
+
 def preactivation_grads(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...], chunk: int = 2048
 ) -> torch.Tensor:
     """dL/dz of the readout layer for each (input, label) as a lone sample: what it would add to dL/db.
-
-    The readout layer's input is replaced by `inputs` with a forward pre-hook, so this works whether the
-    layer reads pixels (fcnn, imprint) or conv features (cnn; the convolutions then run on one blank image,
-    since their output is replaced). Samples do not interact in these models (no BatchNorm), so one summed
-    loss gives every per-sample gradient at once."""
-    layer = readout_layer(model)
-    feeds_pixels = reads_pixels(model, input_shape)
+    Samples do not interact in these models (no BatchNorm), so one summed loss gives every per-sample
+    gradient at once."""
     out = []
     for i in range(0, len(inputs), chunk):
-        x, y = inputs[i : i + chunk], labels[i : i + chunk]
-        images = x.view(len(x), *input_shape) if feeds_pixels else x.new_zeros(1, *input_shape)  # replaced anyway
-        z: list[torch.Tensor] = []
-        pre = layer.register_forward_pre_hook(lambda m, args, x=x: (x,))
-        post = layer.register_forward_hook(lambda m, args, output, z=z: z.append(output))
-        try:
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(images), y, reduction="sum")
-                out.append(torch.autograd.grad(loss, z[0])[0].detach())
-        finally:
-            pre.remove()
-            post.remove()
+        with torch.enable_grad():
+            logits, z = forward_from_layer(model, inputs[i : i + chunk], input_shape)
+            loss = F.cross_entropy(logits, labels[i : i + chunk], reduction="sum")
+            out.append(torch.autograd.grad(loss, z)[0].detach())
     return torch.cat(out)
 
 
@@ -178,6 +193,9 @@ def read_layer(
     num_classes: int,
     input_shape: tuple[int, ...],
     combos: torch.Tensor | None = None,
+    rounds: int = PEEL_ROUNDS,
+    factorise: bool = False,
+    head_errors: torch.Tensor | None = None,
 ) -> Readout:
     """Read samples off the readout layer's gradient (a mean over `batch_size` samples).
 
@@ -188,30 +206,62 @@ def read_layer(
 
     Exact readouts are ranked by how many readouts agree on them, then by mismatch: a real sample alone on
     several neurons is read several times with a mismatch near 0, while a mixture that passes the check by
-    chance is read once, so it cannot displace a real sample from the first `batch_size` rows."""
+    chance is read once, so it cannot displace a real sample from the first `batch_size` rows.
+
+    An honest layer needs more `rounds` (up to ~20 at B = 128: each round frees a few samples), and where no
+    neuron holds a sample alone any more, `factorise` looks for the rest by the sparse factorisation of what
+    is left (attacks/sparse.py), checked the same way; each sample it finds lets peeling go on. With
+    `head_errors` (the classifier's bias gradient, summed over the batch) it also reads the neurons that all
+    samples but one fire (attacks/complement.py), the common case in a trained layer."""
     combos = torch.eye(len(grad_b)) if combos is None else combos
     dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size  # sums over the batch
     combos = combos.double()
     floor = SIGNAL_FLOOR * (combos @ db).abs().max().clamp_min(1e-30)
-    silent = db.abs() <= SIGNAL_FLOOR * db.abs().max()  # neurons no sample fired
+    silent = (db.abs() <= SIGNAL_FLOOR * db.abs().max()) & (
+        dw.abs().amax(1) <= SIGNAL_FLOOR * dw.abs().max()
+    )  # neurons no sample fired (with two classes, two samples' bias gradients can cancel, their weights' not)
     rounding = rounding_errors(combos, db)
+    complement = complement_of(model, dw, db, head_errors)
     known_x, known_y, known_rank = [], [], []
-    for _ in range(PEEL_ROUNDS):
+    for _ in range(rounds):
         cand_x, cand_y, error = _check_readouts(
             model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
         )
+        if complement is not None:
+            more = complement.readouts(dw, db, floor, silent, num_classes, input_shape)
+            cand_x, cand_y, error = (torch.cat([a, b]) for a, b in zip((cand_x, cand_y, error), more, strict=True))
         ok = error < 1
         new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
-        if not len(new):
+        if len(new):
+            new_x, new_y = cand_x[ok][new], cand_y[ok][new]
+            support = torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)
+            known_rank.append(error[ok][new] - support.sum(1))  # support first (an integer), mismatch breaks ties
+        elif factorise and sum(map(len, known_x)) < batch_size:
+            from attacks.sparse import factorised_samples  # here: attacks.sparse builds on this module
+
+            new_x, new_y, mismatch = factorised_samples(
+                model, dw, db, batch_size - sum(map(len, known_x)), silent, num_classes, input_shape
+            )
+            new = _distinct(new_x, torch.cat(known_x) if known_x else None)
+            if not len(new):
+                break
+            new_x, new_y = new_x[new], new_y[new]
+            known_rank.append(mismatch[new] - 1)  # one readout each: after the samples read on several neurons
+        else:
             break
-        new_x, new_y = cand_x[ok][new], cand_y[ok][new]
-        support = (torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)).sum(1)
-        known_rank.append(error[ok][new] - support)  # support first (an integer), mismatch (< 1) breaks ties
         g = preactivation_grads(model, new_x.float(), new_y, input_shape).double()
         dw, db = dw - g.T @ new_x, db - g.sum(0)
+        rounding = rounding + torch.finfo(torch.float32).eps * (combos.abs() @ g.abs().sum(0))  # what was removed
+        if complement is not None:
+            complement.remove(new_x, new_y, input_shape)
         known_x.append(new_x)
         known_y.append(new_y)
-    rank = torch.cat(known_rank).argsort() if known_x else torch.zeros(0, dtype=torch.long)
+    if complement is not None:  # certified only as a whole batch that explains the gradient; else without
+        whole = whole_batch(model, known_x, known_y, grad_w, grad_b, batch_size, input_shape)
+        if whole is None:
+            return read_layer(model, grad_w, grad_b, batch_size, num_classes, input_shape, None, rounds, factorise)
+        return whole
+    rank = torch.cat(known_rank).argsort()[:batch_size] if known_x else torch.zeros(0, dtype=torch.long)
     exact_x = torch.cat(known_x)[rank] if known_x else dw.new_zeros(0, dw.shape[1])
     exact_y = torch.cat(known_y)[rank] if known_y else torch.zeros(0, dtype=torch.long)
     rest = _distinct(cand_x[error.argsort()], exact_x)
@@ -226,9 +276,50 @@ def read_layer(
     )
 
 
+def whole_batch(
+    model: nn.Module,
+    known_x: list[torch.Tensor],
+    known_y: list[torch.Tensor],
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor,
+    batch_size: int,
+    input_shape: tuple[int, ...],
+) -> Readout | None:
+    """The batch read with complement readouts, certified as a whole on top of each sample's own check: with
+    every sample's ReLU pattern and softmax error (its column of per-neuron gradients) taken from its readout,
+    the least-squares fit of the inputs to the whole gradient must explain it to BATCH_TOLERANCE, and so must
+    the columns' sum explain the bias gradient. A repeated sample leaves another unread, whose share of the
+    gradient no fit closes. None if the batch is incomplete or does not explain it. The readouts themselves
+    are returned: the joint fit is ill-conditioned along confident samples' small columns."""
+    if sum(map(len, known_x)) != batch_size:
+        return None
+    x, y = torch.cat(known_x), torch.cat(known_y)
+    dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size
+    g = preactivation_grads(model, x.float(), y, input_shape).double()
+    fit = torch.linalg.lstsq(g.T, dw).solution
+    miss_w = (dw - g.T @ fit).norm() / dw.norm().clamp_min(1e-30)
+    miss_b = (db - g.sum(0)).norm() / db.norm().clamp_min(1e-30)
+    if max(miss_w, miss_b) > BATCH_TOLERANCE:
+        return None
+    return Readout(x.float(), y, exact=batch_size, collisions=0, unexplained=float(miss_w))
+
+
+def complement_of(model: nn.Module, dw: torch.Tensor, db: torch.Tensor, head_errors: torch.Tensor | None):
+    """The complement readouts (attacks/complement.py) where the classifier reads this layer directly and
+    enough neurons are fired by every sample to give T; else None."""
+    if head_errors is None:
+        return None
+    from attacks.complement import Complement, classifier_after  # here: attacks.complement builds on this module
+
+    head = classifier_after(model)
+    complement = Complement(model, head, dw, db, head_errors) if head is not None else None
+    return complement if complement is not None and complement.ready else None
+
+
 def rounding_errors(combos: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
     """The float32 rounding error to expect in each readout's bias gradient: machine epsilon times the
-    absolute gradient mass of the neurons it combines. A neuron's mass is estimated as the sum of the
+    absolute gradient mass of the neurons it combines (peeling adds the mass of every sample it subtracts:
+    the rounding of the shared sum stays in the residual when the sum is taken apart). A neuron's mass is estimated as the sum of the
     absolute readouts it contains (for RtF's cumulative neurons, the bins above its threshold), since
     samples of opposite signs cancel in the neuron's own sum but not in its rounding."""
     readouts = (combos @ db).abs()
@@ -264,10 +355,22 @@ def _check_readouts(
     g = preactivation_grads(model, x.float().repeat_interleave(num_classes, 0), labels, input_shape).double()
     predicted = (g.view(len(rows), num_classes, -1) * combos[rows][:, None, :]).sum(-1)
     error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
-    error[((g.view(len(rows), num_classes, -1) != 0) & silent).any(-1)] = math.inf
+    error[firing_silent(model, x, silent)] = math.inf
     error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows, None] / observed.abs()
     best = error.min(1)
     return x, best.indices, best.values
+
+
+def firing_silent(model: nn.Module, x: torch.Tensor, silent: torch.Tensor) -> torch.Tensor:
+    """Which candidates x (readout-layer inputs) clearly fire a `silent` neuron, one no sample of the batch
+    fired: their pre-activation there is above 0 by more than FIRING_MARGIN of its scale, so that a real
+    sample lying within rounding of a neuron's threshold is not rejected. Only for a layer followed by a
+    ReLU: a classifier read directly (LeNet) has no silent neurons to speak of, and is left unchecked."""
+    layer = readout_layer(model)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    z = x.double() @ w.T + b
+    scale = x.double().abs() @ w.abs().T + b.abs()
+    return ((z > FIRING_MARGIN * scale) & silent).any(-1)
 
 
 def _distinct(x: torch.Tensor, known: torch.Tensor | None, tol: float = 1e-2) -> torch.Tensor:
@@ -315,13 +418,18 @@ def read_update(
     input_shape: tuple[int, ...],
     num_classes: int,
     combos: torch.Tensor | None = None,
+    rounds: int = PEEL_ROUNDS,
+    factorise: bool = False,
 ) -> Readout:
     """read_layer on the readout layer of `model` for an update; under secure aggregation the update sums
     several clients' mean gradients, read as one larger batch."""
     grad_w, grad_b = readout_gradients(model, update)
     scale = 1.0 / update.num_clients
     batch = update.batch_size * update.num_clients
-    return read_layer(model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos)
+    errors = last_layer_gradients(model, update.gradients).double() * scale * batch if factorise else None
+    return read_layer(
+        model, grad_w * scale, grad_b * scale, batch, num_classes, input_shape, combos, rounds, factorise, errors
+    )
 
 
 def on_cpu(model: nn.Module, update: SharedUpdate) -> tuple[nn.Module, SharedUpdate]:

@@ -14,11 +14,14 @@ import torch
 from scipy.stats import norm
 
 from attacks import ATTACKS
+from attacks.honest import mixing_columns
+from attacks.labels import recover_labels
 from attacks.layerwise import last_convolution, recover_conv_input, smoothed_front
 from attacks.readout import layer_inputs, rank_one_readout, readout_gradients, readout_inputs
 from data_sources import load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
-from models import create_model
+from metrics import count_accuracy
+from models import MLP, create_model
 from privacy import epsilon_spent, release_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +136,75 @@ def test_the_smoothed_front_becomes_the_exact_network_at_temperature_zero():
     assert torch.allclose(readout_inputs(smooth, x, conv), exact, atol=1e-3)
     temperature.tau = 0.3
     assert not torch.allclose(readout_inputs(smooth, x, conv), exact, atol=1e-2)
+
+
+# --- whole batches from an honest layer: fc-peel, cpa, label counts (issue #14) ---------------------------
+
+
+def separable_model_and_batch():
+    """A tiny MLP whose hidden neuron i (i < 6) fires iff input coordinate i exceeds 0.5, and six samples: four
+    alone on their own neuron (coordinates 2-5), two (0 and 1) sharing neuron 0 and no other; the rest of the
+    neurons never fire. Coordinates 6 and 7 make every sample distinct."""
+    torch.manual_seed(0)
+    model = MLP((8,), 3, hidden=16)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(-1.0)
+        model.fc.weight[:6, :6] = 10 * torch.eye(6)
+        model.fc.bias[:6] = -5.0
+    x = torch.zeros(6, 8)
+    x[[0, 1, 2, 3, 4, 5], [0, 0, 2, 3, 4, 5]] = 1.0
+    x[:, 6:] = torch.rand(6, 2, generator=torch.Generator().manual_seed(1))
+    return model, x, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def test_fc_peel_reads_the_separable_samples_exactly_and_reports_the_collision_apart():
+    model, x, y = separable_model_and_batch()
+    update = client_update(model, x, y, MechanismSpec("none", None), ClientSetup())
+    rec = ATTACKS["fc-peel"].run(model, update, (8,), 3, CFG, lambda *a: None)
+    assert rec.exact == 4 and rec.collisions >= 1  # samples 0 and 1 share their only neuron: a collision
+    distance = torch.cdist(rec.images[: rec.exact], x, p=float("inf"))
+    assert distance.amin(1).max() < 1e-4 and sorted(distance.argmin(1).tolist()) == [2, 3, 4, 5]
+    assert rec.labels[: rec.exact].tolist() == y[distance.argmin(1)].tolist()
+    shared = torch.cdist(rec.images[rec.exact :], x[:2], p=float("inf"))
+    assert shared.min() > 1e-2  # the mixture is neither sample, and is not counted as one
+
+
+def test_fc_peel_recovers_a_batch_from_the_update_alone():
+    """The batch is wiped after the client computed its update: the attack still reads all of it, exactly,
+    so nothing but the update (and the model) reached it."""
+    split = load_dataset("digits")
+    torch.manual_seed(0)
+    model = create_model("fcnn", split.input_shape, split.num_classes)
+    x, y = split.x_train[:8].clone(), split.y_train[:8].clone()
+    kept = x.clone()
+    update = client_update(model, x, y, MechanismSpec("none", None), ClientSetup())
+    x.zero_()
+    y.zero_()
+    rec = ATTACKS["fc-peel"].run(model, update, split.input_shape, split.num_classes, CFG, lambda *a: None)
+    assert rec.exact == 8
+    assert torch.cdist(rec.images.flatten(1), kept.flatten(1), p=float("inf")).amin(0).max() < 1e-4
+
+
+def test_fastica_unmixes_known_sources_mixed_by_a_known_matrix():
+    """The wiring of the cocktail-party attack: rows (neurons) mixing independent sources (samples) give back
+    the mixing matrix's columns up to order, sign and scale."""
+    gen = torch.Generator().manual_seed(0)
+    sources = torch.distributions.Laplace(0.0, 1.0).sample((2000, 4)).double()
+    mixing = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    columns = mixing_columns(mixing @ sources.T, 4, seed=0)
+    cosine = torch.nn.functional.normalize(columns, dim=1) @ torch.nn.functional.normalize(mixing.T, dim=1).T
+    assert (cosine.abs().amax(0) > 0.99).all() and (cosine.abs().amax(1) > 0.99).all()
+
+
+def test_label_counts_are_exact_for_distinct_labels_at_initialisation():
+    split = load_dataset("digits")
+    torch.manual_seed(0)
+    model = create_model("fcnn", split.input_shape, split.num_classes)
+    pick = torch.stack([(split.y_train == c).nonzero()[0, 0] for c in range(10)])
+    x, y = split.x_train[pick], split.y_train[pick]
+    update = client_update(model, x, y, MechanismSpec("none", None), ClientSetup())
+    assert recover_labels(model, update, split.input_shape, 10).tolist() == list(range(10))
+    read = layer_inputs(model, x[:3])  # with some samples read, p̄ is theirs: still exact
+    assert recover_labels(model, update, split.input_shape, 10, read=read).tolist() == list(range(10))
+    assert count_accuracy(recover_labels(model, update, split.input_shape, 10), y, 10) == 1.0

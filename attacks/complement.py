@@ -1,0 +1,104 @@
+"""Peeling from the other side: readouts from neurons that every sample but one fires.
+
+A trained layer has few neurons that a single sample fires, but many that nearly all samples fire. Where the
+readout layer feeds, through a ReLU, straight into the classifier z' = V h + c (the fcnn and the cnn), sample s
+puts g_si = <V_i, e_s> on neuron i if it fires it (e_s = p_s - y_s, its softmax error), and the server knows
+the classifier's bias gradient E = sum_s e_s. A neuron that every sample fires therefore has
+dL/db_i = <V_i, E> exactly, which picks those neurons out, and their weight gradients dL/dW_i = sum_c V_ci T_c
+give T = sum_s e_s x_s^T by least squares. Then for every neuron the complement
+
+    R_i = sum_c V_ci T_c - dL/dW_i = sum over the samples that do NOT fire i of <V_i, e_s> x_s
+    r_i = <V_i, E> - dL/db_i       = sum over the same samples of <V_i, e_s>
+
+is the gradient of the samples it leaves silent, so a neuron that all samples but one fire reads that one,
+x = R_i / r_i, checked like any readout: a lone (x, y) must give <V_i, e(x, y)> = r_i, leave neuron i silent and
+fire every neuron that all samples fire. Samples read (from either side) are removed from T and E too, and
+peeling goes on from both sides (at B <= 64 this reads the whole batch of a trained fcnn in simulation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks.readout import (
+    CHECK_TOLERANCE,
+    FIRING_MARGIN,
+    ROUNDING_MARGIN,
+    firing_silent,
+    forward_from_layer,
+    readout_layer,
+)
+
+ALWAYS_ON_TOLERANCE = 1e-5  # |dL/db_i - <V_i, E>| below this share of |V_i| . |E|: every sample fires neuron i
+
+
+def classifier_after(model: nn.Module) -> nn.Linear | None:
+    """The classifier that reads the readout layer's (ReLU) output directly, or None (LeNet's readout layer is
+    its classifier; an imprint block feeds a whole network)."""
+    layer = readout_layer(model)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    fits = head is not layer and head.bias is not None and head.in_features == layer.out_features
+    return head if fits else None
+
+
+class Complement:
+    """The complement of the readout layer's gradient over the samples not yet read (T and E shrink as
+    samples are read), and its checked readouts."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, dw: torch.Tensor, db: torch.Tensor, errors: torch.Tensor):
+        """dw, db: the readout layer's gradient sums over the batch; errors: E, the classifier's bias
+        gradient summed over the batch."""
+        self.model = model
+        self.v = head.weight.detach().double()  # (C, m)
+        self.e = errors.double()
+        expected = self.e @ self.v
+        scale = self.e.abs() @ self.v.abs()
+        self.always_on = (db - expected).abs() <= ALWAYS_ON_TOLERANCE * scale
+        self.ready = int(self.always_on.sum()) > len(self.e)
+        if self.ready:
+            on = self.always_on
+            self.t = torch.linalg.lstsq(self.v[:, on].T, dw[on]).solution  # (C, d)
+
+    def readouts(
+        self,
+        dw: torch.Tensor,
+        db: torch.Tensor,
+        floor: torch.Tensor,
+        silent: torch.Tensor,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates x = R_i / r_i of the neurons whose complement carries gradient, the best label of each and
+        its mismatch in units of the tolerance (below 1: one sample), as attacks.readout checks a readout."""
+        rw, rb = self.v.T @ self.t - dw, self.e @ self.v - db
+        rows = (rb.abs() > floor).nonzero().squeeze(1)
+        rows = rows[rb[rows].abs().argsort(descending=True)]
+        if not len(rows):
+            return dw.new_zeros(0, dw.shape[1]), torch.zeros(0, dtype=torch.long), dw.new_zeros(0)
+        x, observed = rw[rows] / rb[rows, None], rb[rows, None]
+        with torch.no_grad():
+            logits, z = forward_from_layer(self.model, x.float(), input_shape)
+        errors = logits.double().softmax(1)[:, None, :] - torch.eye(num_classes, dtype=torch.float64)  # (n, y, C)
+        predicted = (errors * self.v[:, rows].T[:, None, :]).sum(-1)  # <V_i, e(x, y)> for each label y
+        error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
+        z, w = z.double(), readout_layer(self.model).weight.detach().double()
+        margin = FIRING_MARGIN * (x.abs() @ w.abs().T + readout_layer(self.model).bias.detach().double().abs())
+        fires_own = z.gather(1, rows[:, None]).squeeze(1) > margin.gather(1, rows[:, None]).squeeze(1)
+        misses_always_on = ((z < -margin) & self.always_on).any(1)
+        error[fires_own | misses_always_on | firing_silent(self.model, x, silent)] = math.inf
+        rounding = torch.finfo(torch.float32).eps * (self.e.abs() @ self.v.abs() + db.abs())[rows, None]
+        error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding / observed.abs()
+        best = error.min(1)
+        return x, best.indices, best.values
+
+    def remove(self, x: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
+        """Take samples read (from either side) out of T and E."""
+        with torch.no_grad():
+            logits, _ = forward_from_layer(self.model, x.float(), input_shape)
+        errors = logits.double().softmax(1) - F.one_hot(labels, len(self.e)).double()
+        self.t = self.t - errors.T @ x
+        self.e = self.e - errors.sum(0)
