@@ -276,7 +276,9 @@ def run_study(cfg: config.FederatedConfig) -> None:
     utils.check_output(cfg.out)
     run_dir = Path(cfg.out) / run_name(cfg)
     if utils.run_is_done(run_dir) and not cfg.force:
-        utils.check_finished_run(run_dir, run_config(cfg), NOT_RESULT_FIELDS)
+        utils.check_finished_run(
+            run_dir, run_config(cfg), NOT_RESULT_FIELDS, utils.config_defaults(config.FederatedConfig)
+        )
         print(f"{run_dir} already finished; skipped (--force redoes it).")
     else:
         from federation import federated_data

@@ -429,7 +429,12 @@ def plan_victim(cfg: config.AttackConfig, victim: Victim, split: DataSplit) -> l
                     name = run_name(victim, dataset, attack, mech, batch_size, cfg.seed, local)
                     cell.runs[attack] = name, run_config(cfg, cell, attack, name)
                     if utils.run_is_done(cfg.out / name) and not cfg.force:
-                        utils.check_finished_run(cfg.out / name, cell.runs[attack][1], NOT_RESULT_FIELDS)
+                        utils.check_finished_run(
+                            cfg.out / name,
+                            cell.runs[attack][1],
+                            NOT_RESULT_FIELDS,
+                            utils.config_defaults(config.AttackConfig),
+                        )
                 cells.append(cell)
     return cells
 

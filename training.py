@@ -330,7 +330,9 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
     for run in runs:  # every check before any training
         run_dir = cfg.out / run.name
         if utils.run_is_done(run_dir) and not cfg.force:
-            utils.check_finished_run(run_dir, run_config(cfg, run), NOT_RESULT_FIELDS)
+            utils.check_finished_run(
+                run_dir, run_config(cfg, run), NOT_RESULT_FIELDS, utils.config_defaults(config.TrainConfig)
+            )
     utils.seed_everything(cfg.seed)
     templates = {name: study_template(cfg, name, data) for name in cfg.models}
     engines = {

@@ -4,6 +4,7 @@ heavy at the top (torch loads inside the two functions that need it), so `--help
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -183,11 +184,36 @@ def write_summary(
     return rows
 
 
-def check_finished_run(run_dir: Path, run_cfg: dict[str, Any], not_result_fields: set[str]) -> None:
+def config_defaults(config_class: type) -> dict[str, Any]:
+    """Each field's default as a run's config.json holds it (paths as strings)."""
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        defaults[f.name] = str(value) if isinstance(value, Path) else value
+    return defaults
+
+
+def check_finished_run(
+    run_dir: Path, run_cfg: dict[str, Any], not_result_fields: set[str], defaults: dict[str, Any] | None = None
+) -> None:
     """A finished run is reused only if it was made with the same settings (all but `not_result_fields`,
-    which do not change its numbers); otherwise its numbers would silently stand for another experiment."""
+    which do not change its numbers); otherwise its numbers would silently stand for another experiment.
+    A setting its config.json lacks was added after the run was made, which then followed the setting's
+    default (`defaults`): only another value counts as a change."""
     old = read_json(Path(run_dir) / "config.json")
-    changed = [k for k, v in run_cfg.items() if k not in not_result_fields and old.get(k) != v]
+    defaults = defaults or {}
+
+    def differs(key: str, value: Any) -> bool:
+        if key in old:
+            return old[key] != value
+        return key not in defaults or defaults[key] != value
+
+    changed = [k for k, v in run_cfg.items() if k not in not_result_fields and differs(k, v)]
     if changed:
         diffs = ", ".join(f"{k} {old.get(k)!r} -> {run_cfg[k]!r}" for k in changed)
         raise UsageError(

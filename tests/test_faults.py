@@ -182,3 +182,17 @@ def test_an_analysis_removes_the_figures_its_earlier_report_drew_and_this_one_do
     (report / "users_own.png").write_bytes(b"\x89PNG mine")  # never drawn by a report: left alone
     analysis.main(["--runs", str(tmp_path / "runs"), "--out", str(report), "--dpi", "50"])
     assert not (report / "old_figure.png").exists() and (report / "users_own.png").exists()
+
+
+def test_a_run_made_before_a_setting_existed_is_reused_at_its_default_and_redone_otherwise(study, capsys):
+    """A run's config.json that lacks a setting (added to the code later) followed its default then."""
+    import json
+
+    for run in [d for d in study.iterdir() if d.is_dir()]:
+        cfg = utils.read_json(run / "config.json")
+        assert cfg.pop("restarts") == 1  # the default, standing in for a setting added after the run
+        utils.atomic_write_text(run / "config.json", json.dumps(cfg))
+    assert attack(["--out", str(study), "--mechanisms", "none", "noise:0.1", *FAST]) == 0  # reused
+    capsys.readouterr()
+    assert attack(["--out", str(study), "--mechanisms", "none", "--restarts", "2", *FAST]) == 2
+    assert "restarts None -> 2" in capsys.readouterr().err
