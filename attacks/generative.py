@@ -427,7 +427,7 @@ def grnn_restart(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return Reconstruction(images.detach(), soft.detach().argmax(1).cpu(), float(loss)), trajectory
+    return Reconstruction(images.detach(), soft.detach().argmax(1).cpu(), float(loss.detach())), trajectory
 
 
 GGL_SETTINGS = ("generator", "generator_epochs", "ggl_optimizer")  # the AttackConfig fields ggl reads
