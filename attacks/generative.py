@@ -1,20 +1,19 @@
 """Generative-prior attacks: search a generator's output instead of free pixels.
 
 - `ggl` (Li et al. CVPR 2022, *Generative Gradient Leakage*): the honest server first trains a generator on its
-  auxiliary data (here a conditional VAE, whose decoder is the generator; the paper's BigGAN cannot be downloaded
-  offline, and the point is a prior of the data's kind), caches it and reuses it. The attack reads the labels off
-  the last layer, then searches the latent space of the generator for images whose gradient, seen through the
-  known mechanism (attacks/matching.py), matches the shared one, under GGL's KL prior on the latent vector: with
-  CMA-ES (the `cma` library) where the mechanism blocks the gradient path (prune, top-k masks, quantization) and
-  with Adam otherwise, as the paper does. The reconstruction is always a plausible image of the generator's range,
-  even where noise or compression leave pixel-space attacks with nothing recognisable.
+  auxiliary data (the training split without the victims' images, as the malicious servers' auxiliary data): a
+  conditional VAE whose DCGAN decoder is the generator (the paper's BigGAN cannot be downloaded offline, and the
+  point is a prior of the data's kind). It is cached in safetensors and reused. The attack reads the labels off
+  the last layer, then searches the generator's latent space for images whose gradient, seen through the known
+  mechanism (attacks/matching.py), matches the shared one, under GGL's KL prior on the latent vector: with CMA-ES
+  (the `cma` library) where the mechanism's masks or bins block the gradient path (prune, top-k, quantize), with
+  Adam otherwise, as the paper does. Its answer is always an image of the generator's range: plausible even where
+  noise or compression leave pixel-space attacks with nothing, and never closer to the victim than that range.
 - `grnn` (Ren, Deng & Xie 2022, *Generative Regression Neural Network*): no pretraining; a generator and a label
   branch fed with fixed noise are trained jointly so that the images and soft labels they produce give the shared
-  gradient: squared L2 distance plus their Wasserstein term (the authors' code computes the Wasserstein distance
-  between the two gradients as point masses, which is their Euclidean distance) plus total variation, RMSprop.
-
-Both use one generator architecture, GRNN's: a linear layer to a 4x4 map, then blocks of nearest upsampling, 3x3
-convolution, batch norm and a gated linear unit, each doubling the side, and a sigmoid, resized to the input size.
+  gradient (again through the mechanism): squared L2 distance plus their Wasserstein term (the authors' code takes
+  the Wasserstein distance between the two gradients as point masses, which is their Euclidean distance) plus
+  total variation, with RMSprop, their architecture, initialisation and settings.
 """
 
 from __future__ import annotations
@@ -434,7 +433,7 @@ GGL_SETTINGS = ("generator", "generator_epochs", "ggl_optimizer")  # the AttackC
 ATTACKS = {
     "ggl": Attack(
         run_ggl,
-        100,
+        300,
         description="GGL: latent search of a generator trained on auxiliary data (CMA-ES or Adam)",
         settings=GGL_SETTINGS,
         learn=learn_ggl,
