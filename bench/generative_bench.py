@@ -6,7 +6,9 @@
 2. GRNN at batch 4 against DLG and IG given the same wall-clock time: GRNN runs its default 1000 steps, then DLG
    and IG run as many iterations as their measured rate fits into the seconds GRNN took;
 3. the generator's training time on the auxiliary split, and the cached generator's reuse;
-4. the defenses that stop DLG on this victim (README, "where each defense starts to protect"), against GGL.
+4. the defenses that stop DLG on this victim (README, "where each defense starts to protect"), against GGL;
+5. what the label alone gives GGL: its generator's image at the latent prior's mean for the victim's label,
+   scored like a reconstruction (the floor a class-conditional prior sets before any gradient is matched).
 
     uv run python bench/generative_bench.py                 # everything (~40 min on 2 busy CPU cores)
     uv run python bench/generative_bench.py --tables 2 3    # some of the tables
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,11 +35,11 @@ import config  # noqa: E402
 import gradient_attack  # noqa: E402
 import utils  # noqa: E402
 from attacks import ATTACKS  # noqa: E402
-from attacks.generative import learn_ggl  # noqa: E402
+from attacks.generative import LATENT, learn_ggl  # noqa: E402
 from data_sources import load_dataset  # noqa: E402
 from defenses import ClientSetup, MechanismSpec, client_update  # noqa: E402
 from leakage import aux_data  # noqa: E402
-from metrics import reconstruction_scores  # noqa: E402
+from metrics import image_scores, reconstruction_scores  # noqa: E402
 from models import create_model  # noqa: E402
 
 DEFENSES = ["noise:0.01", "prune:0.2", "quantize:4", "topk:0.1", "regularized"]
@@ -48,7 +51,8 @@ class BenchConfig:
     images: int = 3  # images attacked one at a time in tables 1 and 4
     grnn_batches: int = 1  # batches of 4 in table 2
     quick: bool = False  # 1 image and a tenth of the steps: a smoke run
-    tables: tuple[int, ...] = (1, 2, 3, 4)
+    tables: tuple[int, ...] = (1, 2, 3, 4, 5)
+    cache_dir: Path | None = None  # where tables 3 and 5 keep the generator (default: the scratch directory)
 
 
 def study(root: Path, cfg: BenchConfig, attacks: list[str], mechanisms: list[str]) -> dict[tuple[str, str], dict]:
@@ -107,20 +111,39 @@ def grnn_same_budget(root: Path, cfg: BenchConfig) -> list[list]:
     return [[a, *np.mean(v, axis=0)] for a, v in scores.items()]
 
 
-def generator_cost(root: Path, cfg: BenchConfig) -> list[list]:
-    """Table 3: learn_ggl on the study's auxiliary split twice: training and caching, then reading the cache."""
+def study_generator(root: Path, cfg: BenchConfig):
+    """The victims the study draws, the auxiliary split it leaves, and the config ggl learns with."""
     split = load_dataset("digits")
     victims = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(0))[: cfg.images]
-    aux = aux_data(split, victims.tolist())
-    attack_cfg = dataclasses.replace(config.AttackConfig(), cache_dir=root / "cache3")
+    attack_cfg = dataclasses.replace(config.AttackConfig(), cache_dir=cfg.cache_dir or root / "cache3")
     if cfg.quick:
         attack_cfg.generator_epochs = 2
+    return split, victims, aux_data(split, victims.tolist()), attack_cfg
+
+
+def generator_cost(root: Path, cfg: BenchConfig) -> list[list]:
+    """Table 3: learn_ggl on the study's auxiliary split twice: training and caching, then reading the cache."""
+    _, _, aux, attack_cfg = study_generator(root, cfg)
     rows = []
     for step in ("train and cache", "reuse the cache"):
         start, cpu = time.perf_counter(), time.process_time()
         learn_ggl(aux, attack_cfg)
         rows.append([step, len(aux.x_train), attack_cfg.generator_epochs, time.perf_counter() - start,
                      time.process_time() - cpu])  # fmt: skip
+    return rows
+
+
+def label_only(root: Path, cfg: BenchConfig) -> list[list]:
+    """Table 5: per victim image, the generator's image for its label at z = 0."""
+    split, victims, aux, attack_cfg = study_generator(root, cfg)
+    generator = learn_ggl(aux, attack_cfg).keywords["generator"]
+    x, y = split.x_train[victims], split.y_train[victims]
+    with torch.no_grad():
+        images = generator(torch.cat([torch.zeros(len(y), LATENT), F.one_hot(y, split.num_classes).float()], 1))
+    rows = []
+    for victim, original, label, image in zip(victims.tolist(), x, y.tolist(), images, strict=True):
+        scores = image_scores(original, image)
+        rows.append([victim, label, scores["ssim"], scores["psnr"]])
     return rows
 
 
@@ -147,6 +170,9 @@ TABLES = {
     4: ("Defenses that stop DLG (SSIM < 0.5), against GGL, batch 1",
         breaking_points,
         ["defense", "DLG SSIM", "GGL SSIM", "GGL PSNR (dB)", "GGL still recognisable"]),
+    5: ("The label alone: GGL's generator at the prior's mean for each victim's label, no gradient matched",
+        label_only,
+        ["victim index", "label", "SSIM", "PSNR (dB)"]),
 }  # fmt: skip
 
 
