@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import config
-import gradient_attack
 import leakage
 import utils
 from attacks import ATTACKS, generative
@@ -18,6 +17,7 @@ from defenses import ClientSetup, MechanismSpec, client_update
 from metrics import reconstruction_scores
 from models import create_model
 from tests.test_attacks import small_digits
+from tests.test_gradient_attack import run_cli
 
 SHAPE = (1, 16, 16)
 
@@ -32,14 +32,6 @@ def attack_cfg(**overrides) -> SimpleNamespace:
         **{"seed": 0, "restarts": 1, "iterations": 300, "log_every": 100, "ggl_optimizer": "auto", "generator": None,
            **overrides}
     )  # fmt: skip
-
-
-def run_cli(args: list[str]) -> int:
-    try:
-        utils.run_cli(lambda: gradient_attack.main(args))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
 def test_the_generator_learns_only_from_images_other_than_the_victims(tmp_path, monkeypatch):
