@@ -200,12 +200,12 @@ class AttackConfig:
     none and each gradient defense, a DP-SGD run dp-sgd at its own ε, a regularized run regularized), and the
     whole default grid for the demonstration victim"""
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
-    """auto, or any of fc-readout fc-peel cpa ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf, and on a FedAvg
-    update (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that applies
-    to the victim (fc-readout, ig, and idlg on smooth networks; for batch sizes above 1 also fc-peel, and cpa
-    on fully connected victims; fc-readout alone on a frozen backbone's head), each in its own run, and keeps
-    per batch the one whose reconstruction best explains the shared update. prior-aware (alone) watches DP-SGD
-    train a fresh model and picks the target among 10
+    """auto, or any of fc-readout fc-peel cpa ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf ggl grnn, and on a
+    FedAvg update (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that
+    applies to the victim (fc-readout, ig, and idlg on smooth networks; for batch sizes above 1 also fc-peel,
+    and cpa on fully connected victims; fc-readout alone on a frozen backbone's head), each in its own run, and
+    keeps per batch the one whose reconstruction best explains the shared update. prior-aware (alone) watches
+    DP-SGD train a fresh model and picks the target among 10
     candidates, --trials times per ε: the attack that shows whether the bound on any attack is tight"""
     iterations: int | None = None  # per 1024 input values: 100 L-BFGS (dlg, idlg), 1000 Adam (dlg-adam, ig)
     local_epochs: int = 1
@@ -250,6 +250,13 @@ class AttackConfig:
     cache_dir: Path = Path("runs/cache")  # fitted malicious layers, keyed by their settings and aux data
     workers: int = 1  # cells attacked at once, each in its own local Ray worker (1: one after another, no Ray)
     ray_address: str | None = None  # an existing Ray cluster to run the study's cells on (e.g. auto, ray://host:10001)
+    generator: Path | None = None
+    """ggl: a generator of your own (safetensors with ggl's metadata) instead of the one the server trains on its
+    auxiliary data and caches in --cache-dir (once per dataset, seed and auxiliary split)"""
+    generator_epochs: int = 40  # ggl: epochs of the conditional VAE whose decoder is the generator
+    ggl_optimizer: str = "auto"
+    """ggl's latent search: cma (CMA-ES), adam, or auto: CMA-ES under prune, topk and quantize, whose masks and
+    bins block the gradient path, Adam otherwise (the paper's choice)"""
 
     @property
     def fresh_victim(self) -> bool:
@@ -367,6 +374,23 @@ class AttackConfig:
             raise UsageError(f"--inversion-steps {self.inversion_steps} must be at least 1 (e.g. 200).")
         if self.rtf_measurement not in ("random", "brightness"):
             raise UsageError(f"--rtf-measurement '{self.rtf_measurement}' is unknown; choose random or brightness.")
+        self.check_generative()
+
+    def check_generative(self) -> None:
+        """ggl's options, and its generator file (missing or not safetensors) before any work."""
+        from attacks.generative import generator_metadata
+
+        if self.ggl_optimizer not in ("auto", "cma", "adam"):
+            raise UsageError(f"--ggl-optimizer '{self.ggl_optimizer}' is unknown; choose auto, cma or adam.")
+        if self.generator_epochs < 1:
+            raise UsageError(f"--generator-epochs {self.generator_epochs} must be at least 1 (e.g. 40).")
+        if self.generator is not None:
+            generator_metadata(self.generator)
+        elif "ggl" in self.attacks and self.images and self.dataset is None and self.model is not None:
+            raise UsageError(
+                "ggl trains its generator on auxiliary data other than the victim's images, and a fresh victim on "
+                "your --images has no other data; name the dataset they come from (--dataset) or give --generator."
+            )
 
 
 FEDERATED_PRIVACY = ("none", "dp-sgd", "dp-fedavg", "secagg")  # what a federated client may add to its update

@@ -23,6 +23,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,6 +463,17 @@ def served_model(cfg: config.AttackConfig, cell: Cell, cache: dict) -> tuple[nn.
     return sent, check
 
 
+def attack_runner(cfg: config.AttackConfig, cell: Cell, attack: str, cache: dict) -> Callable[..., Any]:
+    """The attack's run; one that learns a prior first (ggl's generator) learns it once per victim from the
+    auxiliary data, the training split without the victims' images, as a malicious server's does."""
+    if not ATTACKS[attack].learn:
+        return ATTACKS[attack].run
+    key = cell.victim.name, attack
+    if key not in cache:
+        cache[key] = ATTACKS[attack].learn(aux_data(cell.split, cell.data.exclude), cfg)
+    return cache[key]
+
+
 def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers: dict) -> None:
     """Every unfinished run of a cell. For each batch the client computes its update once; each attack runs
     on it (or, where its run finished earlier, its reconstructions are read back for `auto`), and `auto`
@@ -492,10 +504,11 @@ def run_cell(cfg: config.AttackConfig, cell: Cell, device: torch.device, servers
         )  # fmt: skip
         recs = {a: reused[a][batch] for a in reused}
         for attack in (a for a in cell.attacks if a in records and a != AUTO):
+            run = attack_runner(cfg, cell, attack, servers)  # a learned prior is offline work: off the clock
             record, start = records[attack], time.perf_counter()
             attack_cfg = dataclasses.replace(cfg, iterations=cell.runs[attack][1]["iterations"])
             observe = record.observer(originals, labels, batch, part.start)
-            recs[attack] = ATTACKS[attack].run(model, update, shape, classes, attack_cfg, observe)
+            recs[attack] = run(model, update, shape, classes, attack_cfg, observe)
             record.seconds += time.perf_counter() - start
             record.add(recs[attack], originals, labels, part.start, model)
         if AUTO in records:

@@ -58,6 +58,8 @@ class Attack:
     description: str = ""
     settings: tuple[str, ...] = ()  # the AttackConfig fields it reads beyond the common ones (seed, iterations, ...)
     check: Callable[[nn.Module], object] | None = None  # raises UsageError where the model does not fit the attack
+    learn: Callable[..., Callable[..., Reconstruction]] | None = None  # an honest server's offline step (ggl):
+    # learn(aux, cfg) -> run, with a prior learned from aux, a DataSplit disjoint from the victim's images
 
 
 ATTACKS: dict[str, Attack] = {}
@@ -116,9 +118,10 @@ def best_of_restarts(results: list[tuple[Reconstruction, Trajectory]], observe: 
     return replace(best, images=to_unit(best.images), failed_restarts=len(checked) - len(finished))
 
 
-from attacks import federated, honest, malicious, optimization  # noqa: E402  (they use the helpers above)
+from attacks import federated, generative, honest, malicious, optimization  # noqa: E402  (they use the helpers above)
 
 ATTACKS.update(optimization.ATTACKS)
 ATTACKS.update(honest.ATTACKS)
 ATTACKS.update(malicious.ATTACKS)
 ATTACKS.update(federated.ATTACKS)
+ATTACKS.update(generative.ATTACKS)
