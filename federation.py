@@ -151,7 +151,7 @@ def train_dp_sgd(
     model.train()
     loader = make_loader(x, y, cfg.batch_size, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    _, module, optimizer, loader = make_private(
+    _, module, optimizer, criterion, loader = make_private(
         model, optimizer, loader, noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
         seed=seed,
     )  # fmt: skip
@@ -160,7 +160,7 @@ def train_dp_sgd(
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             if len(yb):
-                F.cross_entropy(module(xb), yb).backward()
+                criterion(module(xb), yb).backward()
             optimizer.step()
             steps += 1
     return steps

@@ -17,6 +17,7 @@ import gradient_attack
 import leakage
 import train
 import utils
+import victims
 from defenses import MechanismSpec
 from models import create_model, save_checkpoint
 from privacy import release_epsilon
@@ -82,7 +83,7 @@ def test_a_small_study_writes_the_contract_and_resumes(tmp_path, capsys):
 
 def test_larger_epsilon_means_less_noise():
     training = dataclasses.asdict(config.TrainConfig(accountant="rdp"))  # rdp: the fastest accountant
-    victim = leakage.Victim("lenet", "lenet", None, "digits", training, None, None, None)
+    victim = victims.Victim("lenet", "lenet", None, "digits", training, None, None, None)
     setups = [leakage.client_setup(victim, MechanismSpec("dp-sgd", eps), 1347, 0) for eps in (8.0, 50.0)]
     (strong, eps8), (weak, eps50) = setups
     assert strong.noise_multiplier > weak.noise_multiplier > 0
@@ -110,7 +111,7 @@ def test_from_run_uses_the_trained_model_and_its_dp_setup(tmp_path):
     run_dir = tmp_path / "train" / "digits-lenet-dp-sgd-eps8"
     trained = write_train_run(run_dir)
     cfg = config.parse(config.AttackConfig, ["--from-run", str(run_dir)])
-    victim, split = leakage.trained_victim(cfg, run_dir)
+    victim, split = victims.trained_victim(cfg, run_dir)
     for a, b in zip(victim.model.state_dict().values(), trained.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     setup, privacy = leakage.client_setup(victim, MechanismSpec("dp-sgd", None), len(split.x_train), 0)
@@ -192,7 +193,7 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, capsys,
 
 def test_the_servers_auxiliary_data_holds_neither_the_victims_images_nor_the_clients_test_split():
     cfg = config.parse(config.AttackConfig, ["--num-images", "8"])
-    split = leakage.load_data(cfg, "digits", dataclasses.asdict(config.TrainConfig()))
+    split = victims.load_data(cfg, "digits", dataclasses.asdict(config.TrainConfig()))
     data = leakage.private_data(cfg, split, 8)
     aux = leakage.aux_data(split, data.exclude)
     assert len(data.exclude) == 8 and len(aux.x_test) == 0 and len(split.x_test) > 0
