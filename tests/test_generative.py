@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import config
 import utils
+import victims
 from attacks import ATTACKS, generative
 from defenses import ClientSetup, MechanismSpec, client_update
 from metrics import reconstruction_scores
@@ -48,10 +49,10 @@ def test_the_generator_learns_only_from_images_other_than_the_victims(tmp_path, 
             "--cache-dir", str(cache)]  # fmt: skip
     assert run_cli(args) == 0
     assert len(seen) == 1  # once for the study, reused across its cells
-    victims = utils.read_json(next(out.glob("*-ggl-none-*")) / "config.json")["indices"]
+    private = utils.read_json(next(out.glob("*-ggl-none-*")) / "config.json")["indices"]
     split = victims.load_data(config.AttackConfig(), "digits", {"seed": 0, "test_fraction": 0.25, "image_size": 32})
-    others = [i for i in range(len(split.x_train)) if i not in victims]
-    assert len(victims) == 3 and torch.equal(seen[0], split.x_train[others])
+    others = [i for i in range(len(split.x_train)) if i not in private]
+    assert len(private) == 3 and torch.equal(seen[0], split.x_train[others])
     assert len(list(cache.glob("ggl-digits-s0-*.safetensors"))) == 1
     assert run_cli([*args, "--force"]) == 0 and len(seen) == 1  # a second study reads the cached generator
 
