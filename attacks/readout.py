@@ -201,12 +201,15 @@ def read_layer(
 
     `combos` (R, N) are the linear combinations of neurons that isolate samples: the identity for GIAvMP
     (one neuron each), adjacent differences for RtF (one bin each). Each round checks every readout
-    against the gradient a lone sample would give, keeps the exact ones (deduplicated: a sample alone on
-    several neurons appears several times), subtracts their contribution and reads again.
+    against the gradient a lone sample would give, keeps the exact ones, subtracts their contribution and
+    reads again.
 
     Exact readouts are ranked by how many readouts agree on them, then by mismatch: a real sample alone on
     several neurons is read several times with a mismatch near 0, while a mixture that passes the check by
-    chance is read once, so it cannot displace a real sample from the first `batch_size` rows.
+    chance is read once, so it cannot displace a real sample from the first `batch_size` rows. In that order
+    each is taken only if it still passes the check once the samples taken before it are peeled
+    (`_explained_in_turn`): a sample read on several neurons is taken once, even where the float32 rounding
+    of what was peeled before leaves its readouts a few 1e-2 apart.
 
     An honest layer needs more `rounds` (up to ~20 at B = 128: each round frees a few samples), and where no
     neuron holds a sample alone any more, `factorise` looks for the rest by the sparse factorisation of what
@@ -378,10 +381,10 @@ def _explained_in_turn(
     """Indices (in `rank` order) of the checked candidates that stay lone samples once those taken before them
     are peeled: each candidate's readout (its row of `combos`; the first len(rows) candidates have one), less
     what the samples already taken put on it, must still pass the single-sample check. A sample read on
-    several neurons is taken once, and a second, less precise readout of a sample (one it shares with a
-    confident sample's tiny gradient, 0.016 off at digits B = 128) is mostly that sample's gradient, so it is
-    not taken as another sample: no distance between readouts tells it apart from a distinct image, as faces
-    holds images 0.013 apart. Candidates without a row (complement readouts) are taken as they come."""
+    several neurons is taken once, also where its readouts differ: on neurons many samples fired, the float32
+    rounding of what was peeled stays in the readout (0.005 to 0.034 off at digits B = 128), yet a second
+    readout, once the first is peeled, is left with rounding only. No distance between readouts tells these
+    apart from distinct images: faces holds images 0.013 apart. Candidates without a row (complement readouts) are taken as they come."""
     order = rank.argsort()
     k = len(rows)
     if not k:

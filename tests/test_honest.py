@@ -179,11 +179,11 @@ def test_fc_peel_reads_the_separable_samples_exactly_and_reports_the_collision_a
 
 @pytest.mark.parametrize("duplicate_first", [False, True])
 def test_a_second_imprecise_readout_of_a_sample_is_not_certified_and_keeps_no_sample_out(duplicate_first):
-    """Sample A fires neurons 2 and 6, sample B neuron 3. On neuron 6 A's gradient carries a little of
-    another, confident sample's, so neuron 6 reads A' = A + 0.016 on a firing coordinate: a lone-looking
-    readout that passes the single-sample check, farther from A than distinct images can be from each
-    other (faces: 0.013), which merging by distance kept as a second sample (digits B = 128). Once one of
-    A and A' is taken and peeled, the other's readout is A's gradient, so it is not taken; B still is."""
+    """Sample A fires neurons 2 and 6, sample B neuron 3. Neuron 6 reads A' = A + 0.016 on a firing coordinate
+    (as rounding left over from peeling did at digits B = 128), a lone-looking readout that passes the
+    single-sample check, farther from A than distinct images can be from each other (faces: 0.013), which
+    merging by distance kept as a second sample. Once one of A and A' is taken and peeled, the other's
+    readout is A's gradient, so it is not taken; B still is."""
     model, x, y = separable_model_and_batch()
     with torch.no_grad():
         model.fc.weight[6, 2], model.fc.bias[6] = 10.0, -5.0  # neuron 6 fires with neuron 2
