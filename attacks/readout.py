@@ -201,12 +201,15 @@ def read_layer(
 
     `combos` (R, N) are the linear combinations of neurons that isolate samples: the identity for GIAvMP
     (one neuron each), adjacent differences for RtF (one bin each). Each round checks every readout
-    against the gradient a lone sample would give, keeps the exact ones (deduplicated: a sample alone on
-    several neurons appears several times), subtracts their contribution and reads again.
+    against the gradient a lone sample would give, keeps the exact ones, subtracts their contribution and
+    reads again.
 
     Exact readouts are ranked by how many readouts agree on them, then by mismatch: a real sample alone on
     several neurons is read several times with a mismatch near 0, while a mixture that passes the check by
-    chance is read once, so it cannot displace a real sample from the first `batch_size` rows.
+    chance is read once, so it cannot displace a real sample from the first `batch_size` rows. In that order
+    each is taken only if it still passes the check once the samples taken before it are peeled
+    (`_explained_in_turn`): a sample read on several neurons is taken once, even where the float32 rounding
+    of what was peeled before leaves its readouts a few 1e-2 apart.
 
     An honest layer needs more `rounds` (up to ~20 at B = 128: each round frees a few samples), and where no
     neuron holds a sample alone any more, `factorise` looks for the rest by the sparse factorisation of what
@@ -224,18 +227,21 @@ def read_layer(
     complement = complement_of(model, dw, db, head_errors)
     known_x, known_y, known_rank = [], [], []
     for _ in range(rounds):
-        cand_x, cand_y, error = _check_readouts(
+        cand_x, cand_y, error, rows = _check_readouts(
             model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
         )
-        if complement is not None:
+        if complement is not None:  # no row of combos: checked against the complement, merged by distance only
             more = complement.readouts(dw, db, floor, silent, num_classes, input_shape)
             cand_x, cand_y, error = (torch.cat([a, b]) for a, b in zip((cand_x, cand_y, error), more, strict=True))
         ok = error < 1
-        new = _distinct(cand_x[ok], torch.cat(known_x) if known_x else None)
+        support = torch.cdist(cand_x[ok], cand_x[ok], p=float("inf")) <= 1e-2 * cand_x[ok].abs().amax(1, keepdim=True)
+        rank = error[ok] - support.sum(1)  # support first (an integer), mismatch breaks ties
+        checked = rows[ok[: len(rows)]]
+        taken = _explained_in_turn(model, combos, db, rounding, cand_x[ok], cand_y[ok], checked, rank, input_shape)
+        new = taken[_distinct(cand_x[ok][taken], torch.cat(known_x) if known_x else None)]
         if len(new):
             new_x, new_y = cand_x[ok][new], cand_y[ok][new]
-            support = torch.cdist(new_x, cand_x[ok], p=float("inf")) <= 1e-2 * new_x.abs().amax(1, keepdim=True)
-            known_rank.append(error[ok][new] - support.sum(1))  # support first (an integer), mismatch breaks ties
+            known_rank.append(rank[new])
         elif factorise and sum(map(len, known_x)) < batch_size:
             from attacks.sparse import factorised_samples  # here: attacks.sparse builds on this module
 
@@ -346,10 +352,10 @@ def _check_readouts(
     an infinite mismatch."""
     obs_w, obs_b = combos @ dw, combos @ db
     rows = (obs_b.abs() > floor).nonzero().squeeze(1)
-    rows = rows[obs_b[rows].abs().argsort(descending=True)]  # best conditioned first: they win deduplication
+    rows = rows[obs_b[rows].abs().argsort(descending=True)]  # best conditioned first
     if not len(rows):
         empty = dw.new_zeros(0)
-        return dw.new_zeros(0, dw.shape[1]), empty.long(), empty
+        return dw.new_zeros(0, dw.shape[1]), empty.long(), empty, empty.long()
     x, observed = obs_w[rows] / obs_b[rows, None], obs_b[rows, None]
     labels = torch.arange(num_classes).repeat(len(rows))
     g = preactivation_grads(model, x.float().repeat_interleave(num_classes, 0), labels, input_shape).double()
@@ -358,7 +364,44 @@ def _check_readouts(
     error[firing_silent(model, x, silent)] = math.inf
     error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows, None] / observed.abs()
     best = error.min(1)
-    return x, best.indices, best.values
+    return x, best.indices, best.values, rows
+
+
+def _explained_in_turn(
+    model: nn.Module,
+    combos: torch.Tensor,
+    db: torch.Tensor,
+    rounding: torch.Tensor,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    rank: torch.Tensor,
+    input_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Indices (in `rank` order) of the checked candidates that stay lone samples once those taken before them
+    are peeled: each candidate's readout (its row of `combos`; the first len(rows) candidates have one), less
+    what the samples already taken put on it, must still pass the single-sample check. A sample read on
+    several neurons is taken once, also where its readouts differ: on neurons many samples fired, the float32
+    rounding of what was peeled stays in the readout (0.005 to 0.034 off at digits B = 128), yet a second
+    readout, once the first is peeled, is left with rounding only. No distance between readouts tells these
+    apart from distinct images: faces holds images 0.013 apart. Candidates without a row (complement readouts) are taken as they come."""
+    order = rank.argsort()
+    k = len(rows)
+    if not k:
+        return order
+    g = preactivation_grads(model, x[:k].float(), labels[:k], input_shape).double()
+    share = combos[rows] @ g.T  # share[i, s]: what candidate s would put on candidate i's readout
+    observed = combos[rows] @ db
+    own = share[torch.arange(k), torch.arange(k)]
+    slack = CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows] / observed.abs()
+    taken = torch.zeros(len(x), dtype=torch.bool)
+    for i in order.tolist():
+        if i >= k:
+            taken[i] = True
+            continue
+        left = observed[i] - share[i, taken[:k]].sum()
+        taken[i] = bool((left - own[i]).abs() < slack[i] * torch.maximum(own[i].abs(), left.abs()))
+    return order[taken[order]]
 
 
 def firing_silent(model: nn.Module, x: torch.Tensor, silent: torch.Tensor) -> torch.Tensor:

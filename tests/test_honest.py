@@ -17,7 +17,14 @@ from attacks import ATTACKS
 from attacks.honest import mixing_columns
 from attacks.labels import recover_labels
 from attacks.layerwise import last_convolution, recover_conv_input, smoothed_front
-from attacks.readout import layer_inputs, rank_one_readout, readout_gradients, readout_inputs
+from attacks.readout import (
+    _explained_in_turn,
+    layer_inputs,
+    preactivation_grads,
+    rank_one_readout,
+    readout_gradients,
+    readout_inputs,
+)
 from data_sources import load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
 from metrics import count_accuracy
@@ -168,6 +175,32 @@ def test_fc_peel_reads_the_separable_samples_exactly_and_reports_the_collision_a
     assert rec.labels[: rec.exact].tolist() == y[distance.argmin(1)].tolist()
     shared = torch.cdist(rec.images[rec.exact :], x[:2], p=float("inf"))
     assert shared.min() > 1e-2  # the mixture is neither sample, and is not counted as one
+
+
+@pytest.mark.parametrize("duplicate_first", [False, True])
+def test_a_second_imprecise_readout_of_a_sample_is_not_certified_and_keeps_no_sample_out(duplicate_first):
+    """Sample A fires neurons 2 and 6, sample B neuron 3. Neuron 6 reads A' = A + 0.016 on a firing coordinate
+    (as rounding left over from peeling did at digits B = 128), a lone-looking readout that passes the
+    single-sample check, farther from A than distinct images can be from each other (faces: 0.013), which
+    merging by distance kept as a second sample. Once one of A and A' is taken and peeled, the other's
+    readout is A's gradient, so it is not taken; B still is."""
+    model, x, y = separable_model_and_batch()
+    with torch.no_grad():
+        model.fc.weight[6, 2], model.fc.bias[6] = 10.0, -5.0  # neuron 6 fires with neuron 2
+    a, b = x[2], x[3]
+    a_read_again = a.clone()
+    a_read_again[2] += 0.016
+    candidates = torch.stack([a, a_read_again, b])
+    labels = y[[2, 2, 3]]
+    g = preactivation_grads(model, candidates, labels, (8,)).double()
+    db = g[0] + g[2]
+    db[6] = g[1, 6]  # neuron 6 reads exactly as a lone A' would (what passed the check)
+    rows = torch.tensor([2, 6, 3])
+    rank = torch.tensor([-2.0, -3.0, -1.0]) if duplicate_first else torch.tensor([-3.0, -2.0, -1.0])
+    taken = _explained_in_turn(model, torch.eye(16).double(), db, torch.zeros(16).double(), candidates, labels, rows,
+                               rank, (8,))  # fmt: skip
+    assert len(taken) == 2 and taken[-1] == 2  # one readout of A (the better-ranked) and B
+    assert taken[0] == (1 if duplicate_first else 0)
 
 
 def test_fc_peel_recovers_a_batch_from_the_update_alone():
