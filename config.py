@@ -420,6 +420,12 @@ class FederatedConfig:
     poisoning_max_drop: float = 0.1  # the client flags a received model this much less accurate than the last one
     log_every: int = 100  # attack iterations between logged scores and snapshots (of all the update's images)
     success_ssim: float = 0.5  # SSIM from which a reconstruction counts as a success, as in the leakage study
+    dmgan_client: int | None = None
+    """partition id (0..K-1) of a malicious client that plays DMGAN (Hitaj et al. 2017) in every round it is
+    sampled: it drops its samples of --dmgan-class, trains a generator against the global model (which gets one
+    extra 'fake' class) and adds generated images labelled fake to its local data; its images are scored into
+    <run>/dmgan.csv. None: every client is honest"""
+    dmgan_class: int = 3  # the class the DMGAN client lacks and wants images of
     client_cpus: float = 1.0  # CPUs Flower's simulation engine (Ray) reserves per client: 2 run at once on 2 cores
     seed: int = 0  # partitions, initial model, client batches, DP noise, attacks; in the run name
     threads: int = 1  # torch CPU threads per process: the small models train fastest on one
@@ -514,6 +520,10 @@ class FederatedConfig:
             raise UsageError(f"--poisoning-max-drop {self.poisoning_max_drop} must lie in [0, 1], e.g. 0.1.")
         if not 0 < self.success_ssim <= 1:
             raise UsageError(f"--success-ssim {self.success_ssim} must lie in (0, 1].")
+        if self.dmgan_client is not None and not 0 <= self.dmgan_client < self.clients:
+            raise UsageError(f"--dmgan-client {self.dmgan_client} must be a partition id in 0..{self.clients - 1}.")
+        if self.dmgan_class < 0:
+            raise UsageError(f"--dmgan-class {self.dmgan_class} must be a class index (0 or more).")
         if not 0 < self.client_cpus <= 256:
             raise UsageError(f"--client-cpus {self.client_cpus} must lie in (0, 256] (1 runs two clients on 2 cores).")
         if self.threads < 1:
