@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,3 +173,26 @@ def finished_reconstructions(run_dir: Path, batch_size: int) -> list[Reconstruct
         Reconstruction(images[p], labels[p], metrics["loss"], features=None if features is None else features[p])
         for p in parts
     ]
+
+
+def dmgan_judge(x_held_out: torch.Tensor, y_held_out: torch.Tensor, target: int) -> Callable[[torch.Tensor], tuple]:
+    """How close a DMGAN generator's images (N, C, H, W in [0, 1]) come to the class its client lacks, judged on
+    a held-out split that neither the model nor the attacker trained on: the mean over the images of the
+    nearest real target image's SSIM (skimage, data_range 1) and of the target's probability under a logistic
+    regression (scikit-learn) fit on that split. Returns the scoring function (ssim, confidence)."""
+    from skimage.metrics import structural_similarity
+    from sklearn.linear_model import LogisticRegression
+
+    held_out = LogisticRegression(max_iter=2000).fit(x_held_out.flatten(1).numpy(), y_held_out.numpy())
+    column = list(held_out.classes_).index(target)
+    real = x_held_out[y_held_out == target].numpy()
+
+    def score(images: torch.Tensor) -> tuple[float, float]:
+        ssim = [
+            max(structural_similarity(g, r, data_range=1.0, channel_axis=0) for r in real)
+            for g in images.detach().cpu().numpy()
+        ]
+        confidence = held_out.predict_proba(images.detach().cpu().flatten(1).numpy())[:, column]
+        return float(np.mean(ssim)), float(np.mean(confidence))
+
+    return score

@@ -1,6 +1,6 @@
 """The federation: FedAvg on Flower with non-IID clients, client privacy, and a server that attacks what they send.
 
-    uv run federated.py                                          # 10 clients, Dirichlet(0.5) digits, ig at round 1
+    uv run federated.py                                          # 10 clients, Dirichlet(0.5) digits, ig-weight at round 1
     uv run federated.py --privacy dp-sgd:8 --attack-rounds 1 5
     uv run federated.py --privacy secagg --alpha 1000 --clients 20 --fraction 0.5
     uv run federated.py --model fcnn --attack rtf --attack-rounds 3 --rounds 3

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ NOT_RESULT_FIELDS = {"threads", "client_cpus", "data_root", "download", "out", "
 def run_name(cfg: config.FederatedConfig) -> str:
     """One filesystem-safe path component naming what changes the numbers most (config.json holds the rest)."""
     attack = f"{cfg.attack}-r{'.'.join(map(str, cfg.attack_rounds))}" if cfg.attack_rounds else "honest"
+    if cfg.dmgan_client is not None:
+        attack += f"-dmgan{cfg.dmgan_client}c{cfg.dmgan_class}"
     return utils.safe_name(
         f"{cfg.dataset}-{cfg.model}-{cfg.privacy.replace(':', '')}-k{cfg.clients}-a{cfg.alpha:g}-f{cfg.fraction:g}"
         f"-r{cfg.rounds}-e{cfg.local_epochs}-b{cfg.batch_size}-{attack}-s{cfg.seed}"
@@ -79,6 +82,8 @@ class Recorder:
         self.attacks: list[dict[str, Any]] = []
         self.records: dict[int, tuple[RunRecord, torch.Tensor, torch.Tensor]] = {}
         self.attack_start: dict[int, float] = {}
+        self.dmgan: list[dict[str, Any]] = []  # the DMGAN client's images' scores, per round it took part in
+        self.judge = None  # evaluation.dmgan_judge, fit when the first images come
         self.start = time.perf_counter()
         self.bar = None
 
@@ -117,6 +122,7 @@ class Recorder:
         }  # fmt: skip
         self.history.append(row)
         utils.write_csv(self.dir / "history.csv", self.history)
+        self.score_dmgan(server_round)
         if server_round and self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(acc=f"{accuracy:.3f}", eps=f"{row['epsilon']:.2f}" if row["epsilon"] else "-")
@@ -132,6 +138,22 @@ class Recorder:
         previous = [r["epsilon"] for r in self.history if r["epsilon"] is not None]
         eps = [float(r["epsilon"]) for r in self.reports.get(server_round, []) if "epsilon" in r]
         return max(eps + previous) if eps or previous else None
+
+    def score_dmgan(self, server_round: int) -> None:
+        """The DMGAN client's images of this round (if it took part and wrote them here), scored against the
+        held-out split (evaluation.dmgan_judge: nearest real target image's SSIM, a held-out classifier's
+        confidence in the target) into dmgan.csv."""
+        path = self.dir / "dmgan" / f"round-{server_round}.npz"
+        if self.cfg.dmgan_client is None or not path.exists():
+            return
+        from evaluation import dmgan_judge
+
+        if self.judge is None:
+            self.judge = dmgan_judge(self.split.x_test, self.split.y_test, self.cfg.dmgan_class)
+        with np.load(path) as saved:
+            ssim, confidence = self.judge(torch.as_tensor(saved["images"]))
+        self.dmgan.append({"round": server_round, "nearest_target_ssim": ssim, "held_out_confidence": confidence})
+        utils.write_csv(self.dir / "dmgan.csv", self.dmgan)
 
     # --- the attack's evaluation -------------------------------------------------------------------------
 
@@ -237,6 +259,7 @@ class Recorder:
             "attack": self.cfg.attack if self.attacks else None, "attack_rounds": self.cfg.attack_rounds,
             "recovered_fraction": max(recovered) if recovered else None,
             "attacks": [{k: a[k] for k in ("run", "round", "psnr", "ssim", "recovered_fraction")} for a in self.attacks],
+            "dmgan": self.dmgan[-1] if self.dmgan else None,
             "seconds": time.perf_counter() - self.start, "seed": self.cfg.seed,
         }  # fmt: skip
         utils.write_json(self.dir / "metrics.json", metrics)
@@ -281,9 +304,9 @@ def run_study(cfg: config.FederatedConfig) -> None:
         )
         print(f"{run_dir} already finished; skipped (--force redoes it).")
     else:
-        from federation import federated_data
+        from federation import check_attacks, federated_data
 
-        federated_data(cfg)  # a dataset that cannot load stops here, before Flower starts
+        check_attacks(cfg, *federated_data(cfg))  # a dataset that cannot load, or a bad attack, stops here
         with utils.study_lock(cfg.out):
             simulate(cfg)
         if not utils.run_is_done(run_dir):

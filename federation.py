@@ -27,9 +27,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import io
 import json
 import math
 import shlex
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,12 +47,16 @@ from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 import config
+import utils
 from attacks import ATTACKS, Reconstruction
+from attacks.federated import ATTACKS as LOCAL_TRAINING_ATTACKS
+from attacks.federated import dmgan_data, gan_attacker, generate
 from attacks.malicious import ImprintBlock, Imprinted, detect_poisoning
 from data_sources import DataOptions, DataSplit, dirichlet_partition, load_dataset
 from defenses import SharedUpdate
 from models import create_model
 
+DMGAN_SHOWN = 32  # the DMGAN client's images scored per round
 OPTIONS_KEY = "options"  # run-config key holding federated.py's command-line options (deployment engine)
 
 
@@ -78,10 +84,12 @@ def _federated_data(dataset, root, download, seed, test_fraction, image_size, cl
 
 
 def build_model(cfg: config.FederatedConfig, split: DataSplit, imprint: str = "") -> nn.Module:
-    """The global model's architecture (seeded initial weights); `imprint` (JSON bin groups) puts an RtF imprint
-    block in front, as a malicious server's app tells its clients to (the server ships the app's code)."""
+    """The global model's architecture (seeded initial weights), with DMGAN's extra 'fake' class when a client
+    plays it (the malicious client joins a federation whose model has it, as in Hitaj et al.); `imprint` (JSON bin
+    groups) puts an RtF imprint block in front, as a malicious server's app tells its clients to (the server
+    ships the app's code)."""
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, split.input_shape, split.num_classes)
+    model = create_model(cfg.model, split.input_shape, split.num_classes + (cfg.dmgan_client is not None))
     if imprint:
         groups, size = json.loads(imprint), math.prod(split.input_shape)
         model = Imprinted(ImprintBlock(torch.zeros(sum(groups), size), torch.zeros(sum(groups)), 0.0, groups), model)
@@ -96,6 +104,23 @@ def load_arrays(model: nn.Module, arrays: list[np.ndarray]) -> nn.Module:
     keys = list(model.state_dict())
     model.load_state_dict({k: torch.as_tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)})
     return model
+
+
+def check_attacks(cfg: config.FederatedConfig, split: DataSplit, parts: list[torch.Tensor]) -> None:
+    """What the options ask of the data, checked before any round: DMGAN's class exists, and under secagg the
+    attacks that simulate the clients' local training (ig-weight, ig-multi, dlf) get clients of equal shares, the
+    only sum they can model (every simulated client trains on as many samples)."""
+    if cfg.dmgan_client is not None and cfg.dmgan_class >= split.num_classes:
+        raise utils.UsageError(
+            f"--dmgan-class {cfg.dmgan_class} is not a class of {cfg.dataset} (0..{split.num_classes - 1})."
+        )
+    sizes = sorted({len(p) for p in parts})
+    if cfg.privacy_name == "secagg" and cfg.attack in LOCAL_TRAINING_ATTACKS and cfg.attack_rounds and len(sizes) > 1:
+        raise utils.UsageError(
+            f"--attack {cfg.attack} under --privacy secagg models the round's sum as clients of equal shares, but "
+            f"the Dirichlet shares here hold {sizes[0]} to {sizes[-1]} samples. Use a gradient-mode attack (e.g. "
+            "ig, which reads the sum as one gradient), or attack without secagg."
+        )
 
 
 def client_seed(cfg: config.FederatedConfig, server_round: int, partition: int) -> int:
@@ -191,6 +216,8 @@ def fit_client(
     server_round, lr = int(ins["round"]), float(ins["lr"])
     batch_size, epochs, max_steps = int(ins["batch-size"]), int(ins["local-epochs"]), int(ins["max-steps"])
     seed = client_seed(cfg, server_round, partition)
+    if partition == cfg.dmgan_client:
+        x, y = dmgan_turn(cfg, model, x, y, server_round, state)
     if cfg.privacy_name == "dp-sgd":  # its own plan (B, E), whatever the server asks: it fixes the client's ε
         from privacy import epsilon_spent
 
@@ -208,6 +235,31 @@ def fit_client(
     metrics.update({"steps": steps, "batch-size": batch_size, "local-epochs": epochs, "max-steps": max_steps, "lr": lr})
     weight = len(y) if cfg.privacy_name in ("none", "dp-sgd") else 1  # dp-fedavg and secagg: a uniform mean
     return to_arrays(model), weight, metrics
+
+
+def dmgan_turn(
+    cfg: config.FederatedConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, server_round: int, state: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DMGAN client's turn (attacks.federated.dmgan_data): without its samples of --dmgan-class, it trains
+    its generator (kept in the client's state between rounds) against the global model received, and returns
+    the data it trains on this round: its own plus generated images labelled 'fake'. The images its generator
+    now draws (fixed latent draws) go to <run>/dmgan/round-<r>.npz, the attacker's output that the evaluation
+    scores (federated_runs.Recorder); on the deployment engine they stay on the client's machine."""
+    from federated_runs import run_name
+
+    split, _ = federated_data(cfg)
+    attacker = gan_attacker(split.input_shape, cfg.dmgan_class, split.num_classes, seed=cfg.seed)
+    if "dmgan-generator" in state:
+        load_arrays(attacker.generator, state["dmgan-generator"].to_numpy_ndarrays())
+        attacker.rounds = int(state["dmgan-rounds"]["rounds"])
+    keep = y != cfg.dmgan_class
+    x, y = dmgan_data(attacker, model, x[keep], y[keep])
+    state["dmgan-generator"] = ArrayRecord.from_numpy_ndarrays(to_arrays(attacker.generator))
+    state["dmgan-rounds"] = MetricRecord({"rounds": attacker.rounds})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=generate(attacker, DMGAN_SHOWN, seed=cfg.seed).numpy())
+    utils.atomic_write_bytes(Path(cfg.out) / run_name(cfg) / "dmgan" / f"round-{server_round}.npz", buffer.getvalue())
+    return x, y
 
 
 def make_client_app(cfg: config.FederatedConfig | None = None):
@@ -260,7 +312,7 @@ def shared_update(
         lr=lr,
         local_steps=max(int(r["steps"]) for r in reports),
         local_epochs=int(first["local-epochs"]),
-        num_samples=sum(int(r["num-samples"]) for r in reports),
+        num_samples=int(first["num-samples"]),  # each client's: under secagg all equal (check_attacks)
         num_clients=len(reports) if cfg.privacy_name == "secagg" else 1,
         mechanism=f"secagg:{len(reports)}" if cfg.privacy_name == "secagg" else cfg.privacy,
         max_grad_norm=cfg.max_grad_norm if dp else None,
@@ -382,7 +434,8 @@ def make_server_app(cfg: config.FederatedConfig | None = None):
         from federated_runs import Recorder
 
         run_cfg = cfg or settings(context)
-        split, _ = federated_data(run_cfg)
+        split, parts = federated_data(run_cfg)
+        check_attacks(run_cfg, split, parts)
         with Recorder(run_cfg) as recorder:
             if recorder.finished:
                 return

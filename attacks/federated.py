@@ -391,6 +391,20 @@ def train_generator(attacker: GanAttacker, global_model: nn.Module) -> float:
     return float(logits.detach().softmax(1)[:, attacker.target].mean())
 
 
+def dmgan_data(
+    attacker: GanAttacker, global_model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The malicious client's data for one FedAvg round: train the generator against the global model it
+    received, then add `attacker.fakes` generated images labelled `fake` to its own samples, on which it trains
+    locally as an honest client would (dmgan_update here, the Flower client in federation.py)."""
+    train_generator(attacker, global_model)
+    fakes = generate(attacker, attacker.fakes, seed=attacker.seed * 104729 + attacker.rounds)
+    attacker.rounds += 1
+    x = torch.cat([images, fakes.to(images.device)])
+    y = torch.cat([labels, torch.full((len(fakes),), attacker.fake, dtype=labels.dtype, device=labels.device)])
+    return x, y
+
+
 def dmgan_update(
     attacker: GanAttacker,
     global_model: nn.Module,
@@ -400,13 +414,8 @@ def dmgan_update(
     epochs: int = 1,
     batch_size: int = 32,
 ) -> SharedUpdate:
-    """The malicious client's turn in a FedAvg round: train the generator against the global model it received,
-    then train locally (defenses.client_update, as an honest client would) on its own images plus
-    `attacker.fakes` generated ones labelled `fake`; the update is what it sends the server."""
-    train_generator(attacker, global_model)
-    fakes = generate(attacker, attacker.fakes, seed=attacker.seed * 104729 + attacker.rounds)
-    attacker.rounds += 1
-    x = torch.cat([images, fakes.to(images.device)])
-    y = torch.cat([labels, torch.full((len(fakes),), attacker.fake, dtype=labels.dtype, device=labels.device)])
+    """The malicious client's turn in a simulated FedAvg round: dmgan_data, then defenses.client_update on it;
+    the update is what it sends the server."""
+    x, y = dmgan_data(attacker, global_model, images, labels)
     local = replace(setup, seed=setup.seed + attacker.rounds)
     return client_update(global_model, x, y, MechanismSpec("none", None), local, epochs=epochs, batch_size=batch_size)

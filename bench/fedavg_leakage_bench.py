@@ -102,12 +102,11 @@ def femnist_setting(out: Path, cfg: BenchConfig) -> list[list]:
 def dmgan(out: Path, cfg: BenchConfig) -> list[list]:
     """Table 3: DMGAN over simulated FedAvg rounds on digits."""
     import torch
-    from skimage.metrics import structural_similarity
-    from sklearn.linear_model import LogisticRegression
 
     from attacks.federated import dmgan_update, gan_attacker, generate
     from data_sources import load_dataset
     from defenses import ClientSetup, MechanismSpec, client_update, trainable_parameters
+    from evaluation import dmgan_judge
     from models import create_model
 
     torch.manual_seed(cfg.seed)
@@ -121,14 +120,7 @@ def dmgan(out: Path, cfg: BenchConfig) -> list[list]:
     model = create_model(cfg.model, split.input_shape, split.num_classes + 1)  # + the attacker's fake class
     attacker = gan_attacker(split.input_shape, cfg.target, split.num_classes, seed=cfg.seed)
     setup, plain = ClientSetup(lr=0.05, seed=cfg.seed), MechanismSpec("none", None)
-    held_out = LogisticRegression(max_iter=2000).fit(split.x_test.flatten(1).numpy(), split.y_test.numpy())
-    real = split.x_test[split.y_test == cfg.target][:, 0].numpy()  # unseen by the model and the attacker
-
-    def scores(images: torch.Tensor) -> tuple[float, float]:
-        """Mean over images of the nearest real target image's SSIM, and the held-out classifier's confidence."""
-        ssim = [max(structural_similarity(g, r, data_range=1.0) for r in real) for g in images[:, 0].numpy()]
-        confidence = held_out.predict_proba(images.flatten(1).numpy())[:, cfg.target]
-        return float(np.mean(ssim)), float(np.mean(confidence))
+    scores = dmgan_judge(split.x_test, split.y_test, cfg.target)  # real target images unseen by model and attacker
 
     rows = [["untrained generator", 0, *scores(generate(attacker, 32))]]
     others = split.x_test[split.y_test != cfg.target][:32]

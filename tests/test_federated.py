@@ -205,6 +205,25 @@ def test_under_secagg_the_server_sees_only_the_sum_of_the_updates(tmp_path, spy,
         torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=1e-3)
 
 
+def test_a_dmgan_client_plays_every_round_and_its_images_are_scored(tmp_path):
+    import federated_runs
+    import federation
+
+    cfg = tiny(tmp_path, clients=3, rounds=2, attack_rounds=[], dmgan_client=1, dmgan_class=3)
+    federated_runs.run_study(cfg)
+    run = cfg.out / federated_runs.run_name(cfg)
+    rows = utils.read_csv(run / "dmgan.csv")
+    assert [int(r["round"]) for r in rows] == [1, 2]  # it took part in both rounds, its generator carried over
+    for r in rows:
+        assert 0 < float(r["nearest_target_ssim"]) < 1 and 0 <= float(r["held_out_confidence"]) <= 1
+    assert utils.read_json(run / "metrics.json")["dmgan"]["round"] == 2
+    shape = federation.federated_data(cfg)[0].input_shape
+    model = federation.build_model(cfg, federation.federated_data(cfg)[0])
+    assert model(torch.zeros(1, *shape)).shape == (1, 11)  # the global model has DMGAN's fake class
+    saved = [np.load(run / "dmgan" / f"round-{r}.npz")["images"] for r in (1, 2)]
+    assert saved[0].shape == (federation.DMGAN_SHOWN, *shape) and not np.allclose(saved[0], saved[1])
+
+
 # --- the deployment engine ------------------------------------------------------------------------------------
 
 
@@ -309,6 +328,9 @@ def stop(started: list[subprocess.Popen], home: Path) -> None:
         (["--privacy", "secagg", "--attack", "rtf"], "trap model"),
         (["--privacy", "secagg", "--clients", "2"], "at least 3 clients"),
         (["--fraction", "0"], "--fraction"),
+        (["--privacy", "secagg", "--attack", "dlf"], "equal shares"),
+        (["--dmgan-client", "10"], "--dmgan-client 10"),
+        (["--dmgan-client", "0", "--dmgan-class", "10"], "not a class of digits"),
     ],
 )
 def test_bad_options_stop_with_one_message_and_exit_2(tmp_path, capsys, args, message):
