@@ -26,7 +26,8 @@ PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 # What `auto` tries, in this order; the first that handles the model. Ghost clipping first: on the study's cnn it
-# needed the least memory (1.9x plain against 2.9x for hooks) at about the time of hooks (bench/dp_engine_bench.py).
+# needed the least memory (1.8x plain against 2.6x for hooks) at 1.24x the time of hooks (bench/dp_engine_bench.py);
+# memory is what runs out first on the models where DP-SGD is slow (large Linear layers, where ghost norms pay).
 ENGINE_PREFERENCE = ("ghost", "hooks", "functorch", "ew")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
