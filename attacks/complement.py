@@ -71,14 +71,15 @@ class Complement:
         silent: torch.Tensor,
         num_classes: int,
         input_shape: tuple[int, ...],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Candidates x = R_i / r_i of the neurons whose complement carries gradient, the best label of each and
-        its mismatch in units of the tolerance (below 1: one sample), as attacks.readout checks a readout."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates x = R_i / r_i of the neurons whose complement carries gradient, the best label of each,
+        its mismatch in units of the tolerance (below 1: one sample), as attacks.readout checks a readout, and
+        the neuron i each was read on."""
         rw, rb = self.v.T @ self.t - dw, self.e @ self.v - db
         rows = (rb.abs() > floor).nonzero().squeeze(1)
         rows = rows[rb[rows].abs().argsort(descending=True)]
         if not len(rows):
-            return dw.new_zeros(0, dw.shape[1]), torch.zeros(0, dtype=torch.long), dw.new_zeros(0)
+            return dw.new_zeros(0, dw.shape[1]), torch.zeros(0, dtype=torch.long), dw.new_zeros(0), rows
         x, observed = rw[rows] / rb[rows, None], rb[rows, None]
         with torch.no_grad():
             logits, z = forward_from_layer(self.model, x.float(), input_shape)
@@ -90,10 +91,28 @@ class Complement:
         fires_own = z.gather(1, rows[:, None]).squeeze(1) > margin.gather(1, rows[:, None]).squeeze(1)
         misses_always_on = ((z < -margin) & self.always_on).any(1)
         error[fires_own | misses_always_on | firing_silent(self.model, x, silent)] = math.inf
-        rounding = torch.finfo(torch.float32).eps * (self.e.abs() @ self.v.abs() + db.abs())[rows, None]
-        error /= CHECK_TOLERANCE + ROUNDING_MARGIN * rounding / observed.abs()
+        error /= self.slack(rows, db, observed.squeeze(1))[:, None]
         best = error.min(1)
-        return x, best.indices, best.values
+        return x, best.indices, best.values, rows
+
+    def slack(self, rows: torch.Tensor, db: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """The check's tolerance on the complements r_i of neurons `rows` (relative to `observed`, their values):
+        CHECK_TOLERANCE plus ROUNDING_MARGIN times the float32 rounding of <V_i, E> and dL/db_i."""
+        rounding = torch.finfo(torch.float32).eps * (self.e.abs() @ self.v.abs() + db.abs())[rows]
+        return CHECK_TOLERANCE + ROUNDING_MARGIN * rounding / observed.abs()
+
+    def in_turn(
+        self, rows: torch.Tensor, db: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For attacks.readout's check in turn: the complements r_i of neurons `rows` (the readouts' own
+        observations), their tolerance, and share[i, t], what candidate t (x, labels) would put on r_i:
+        <V_i, e_t> if it leaves neuron i silent, else nothing."""
+        with torch.no_grad():
+            logits, z = forward_from_layer(self.model, x.float(), input_shape)
+        errors = logits.double().softmax(1) - F.one_hot(labels, len(self.e)).double()
+        share = ((errors @ self.v) * (z <= 0))[:, rows].T
+        observed = (self.e @ self.v - db)[rows]
+        return observed, self.slack(rows, db, observed), share
 
     def remove(self, x: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         """Take samples read (from either side) out of T and E."""

@@ -34,9 +34,6 @@ ROUNDING_MARGIN = 20  # ... plus this many times the readout's own float32 round
 # bin is a difference of two sums over many samples, so a sample with a small gradient (a trained model's
 # confident ones) is read with a relative error up to ~1e-2 (digits, K = B = 64), while mixtures miss by > 9e-5
 SIGNAL_FLOOR = 1e-5  # readouts below this fraction of the largest carry no sample (peeling leaves ~1e-7)
-BATCH_TOLERANCE = 1e-2  # a whole batch explains the layer's gradient to this relative L2 residual: the true
-# batch leaves ~1e-7, the complement-peeled readouts ~3e-3 (float32 errors up to ~2e-3 in the late rounds flip
-# a few near-threshold neurons; digits, B = 128), a batch with a sample missing more (its share of the gradient)
 PEEL_ROUNDS = 8  # a malicious layer's peeling converges in 2-4 rounds at B = 128; more rounds find nothing new
 FIRING_MARGIN = 1e-4  # a candidate "fires" a neuron only this far (relative to the pre-activation's scale) above
 # 0: a sample whose pre-activation is within float32 rounding of 0 may flip in its readout (faces, honest fcnn)
@@ -230,14 +227,19 @@ def read_layer(
         cand_x, cand_y, error, rows = _check_readouts(
             model, combos, dw, db, floor, silent, rounding, num_classes, input_shape
         )
-        if complement is not None:  # no row of combos: checked against the complement, merged by distance only
-            more = complement.readouts(dw, db, floor, silent, num_classes, input_shape)
+        neurons = torch.zeros(0, dtype=torch.long)
+        if complement is not None:  # no row of combos: read off the complement of neuron `neurons`
+            *more, neurons = complement.readouts(dw, db, floor, silent, num_classes, input_shape)
+            neurons = neurons[more[2] < 1]
             cand_x, cand_y, error = (torch.cat([a, b]) for a, b in zip((cand_x, cand_y, error), more, strict=True))
         ok = error < 1
         support = torch.cdist(cand_x[ok], cand_x[ok], p=float("inf")) <= 1e-2 * cand_x[ok].abs().amax(1, keepdim=True)
         rank = error[ok] - support.sum(1)  # support first (an integer), mismatch breaks ties
         checked = rows[ok[: len(rows)]]
-        taken = _explained_in_turn(model, combos, db, rounding, cand_x[ok], cand_y[ok], checked, rank, input_shape)
+        terms = complement.in_turn(neurons, db, cand_x[ok], cand_y[ok], input_shape) if len(neurons) else None
+        taken = _explained_in_turn(
+            model, combos, db, rounding, cand_x[ok], cand_y[ok], checked, rank, input_shape, terms
+        )
         new = taken[_distinct(cand_x[ok][taken], torch.cat(known_x) if known_x else None)]
         if len(new):
             new_x, new_y = cand_x[ok][new], cand_y[ok][new]
@@ -262,11 +264,6 @@ def read_layer(
             complement.remove(new_x, new_y, input_shape)
         known_x.append(new_x)
         known_y.append(new_y)
-    if complement is not None:  # certified only as a whole batch that explains the gradient; else without
-        whole = whole_batch(model, known_x, known_y, grad_w, grad_b, batch_size, input_shape)
-        if whole is None:
-            return read_layer(model, grad_w, grad_b, batch_size, num_classes, input_shape, None, rounds, factorise)
-        return whole
     rank = torch.cat(known_rank).argsort()[:batch_size] if known_x else torch.zeros(0, dtype=torch.long)
     exact_x = torch.cat(known_x)[rank] if known_x else dw.new_zeros(0, dw.shape[1])
     exact_y = torch.cat(known_y)[rank] if known_y else torch.zeros(0, dtype=torch.long)
@@ -280,34 +277,6 @@ def read_layer(
         collisions=len(order),
         unexplained=float(dw.norm() / total.clamp_min(1e-30)),
     )
-
-
-def whole_batch(
-    model: nn.Module,
-    known_x: list[torch.Tensor],
-    known_y: list[torch.Tensor],
-    grad_w: torch.Tensor,
-    grad_b: torch.Tensor,
-    batch_size: int,
-    input_shape: tuple[int, ...],
-) -> Readout | None:
-    """The batch read with complement readouts, certified as a whole on top of each sample's own check: with
-    every sample's ReLU pattern and softmax error (its column of per-neuron gradients) taken from its readout,
-    the least-squares fit of the inputs to the whole gradient must explain it to BATCH_TOLERANCE, and so must
-    the columns' sum explain the bias gradient. A repeated sample leaves another unread, whose share of the
-    gradient no fit closes. None if the batch is incomplete or does not explain it. The readouts themselves
-    are returned: the joint fit is ill-conditioned along confident samples' small columns."""
-    if sum(map(len, known_x)) != batch_size:
-        return None
-    x, y = torch.cat(known_x), torch.cat(known_y)
-    dw, db = grad_w.double() * batch_size, grad_b.double() * batch_size
-    g = preactivation_grads(model, x.float(), y, input_shape).double()
-    fit = torch.linalg.lstsq(g.T, dw).solution
-    miss_w = (dw - g.T @ fit).norm() / dw.norm().clamp_min(1e-30)
-    miss_b = (db - g.sum(0)).norm() / db.norm().clamp_min(1e-30)
-    if max(miss_w, miss_b) > BATCH_TOLERANCE:
-        return None
-    return Readout(x.float(), y, exact=batch_size, collisions=0, unexplained=float(miss_w))
 
 
 def complement_of(model: nn.Module, dw: torch.Tensor, db: torch.Tensor, head_errors: torch.Tensor | None):
@@ -377,6 +346,7 @@ def _explained_in_turn(
     rows: torch.Tensor,
     rank: torch.Tensor,
     input_shape: tuple[int, ...],
+    complement_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Indices (in `rank` order) of the checked candidates that stay lone samples once those taken before them
     are peeled: each candidate's readout (its row of `combos`; the first len(rows) candidates have one), less
@@ -384,22 +354,22 @@ def _explained_in_turn(
     several neurons is taken once, also where its readouts differ: on neurons many samples fired, the float32
     rounding of what was peeled stays in the readout (0.005 to 0.034 off at digits B = 128), yet a second
     readout, once the first is peeled, is left with rounding only. No distance between readouts tells these
-    apart from distinct images: faces holds images 0.013 apart. Candidates without a row (complement readouts) are taken as they come."""
+    apart from distinct images: faces holds images 0.013 apart. The candidates after the first len(rows) are
+    complement readouts (attacks/complement.py), one per neuron, checked the same way on that neuron's
+    complement: `complement_terms` gives their observations, tolerances and shares."""
     order = rank.argsort()
-    k = len(rows)
-    if not k:
+    if not len(x):
         return order
-    g = preactivation_grads(model, x[:k].float(), labels[:k], input_shape).double()
+    g = preactivation_grads(model, x.float(), labels, input_shape).double()
     share = combos[rows] @ g.T  # share[i, s]: what candidate s would put on candidate i's readout
     observed = combos[rows] @ db
-    own = share[torch.arange(k), torch.arange(k)]
     slack = CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows] / observed.abs()
+    if complement_terms is not None:
+        observed, slack, share = (torch.cat(pair) for pair in zip((observed, slack, share), complement_terms))
+    own = share.diagonal()
     taken = torch.zeros(len(x), dtype=torch.bool)
     for i in order.tolist():
-        if i >= k:
-            taken[i] = True
-            continue
-        left = observed[i] - share[i, taken[:k]].sum()
+        left = observed[i] - share[i, taken].sum()
         taken[i] = bool((left - own[i]).abs() < slack[i] * torch.maximum(own[i].abs(), left.abs()))
     return order[taken[order]]
 
