@@ -31,6 +31,7 @@ from attacks.readout import (
     firing_silent,
     forward_from_layer,
     readout_layer,
+    within_slack,
 )
 
 ALWAYS_ON_TOLERANCE = 1e-5  # |dL/db_i - <V_i, E>| below this share of |V_i| . |E|: every sample fires neuron i
@@ -91,7 +92,7 @@ class Complement:
         fires_own = z.gather(1, rows[:, None]).squeeze(1) > margin.gather(1, rows[:, None]).squeeze(1)
         misses_always_on = ((z < -margin) & self.always_on).any(1)
         error[fires_own | misses_always_on | firing_silent(self.model, x, silent)] = math.inf
-        error /= self.slack(rows, db, observed.squeeze(1))[:, None]
+        error = within_slack(error, self.slack(rows, db, observed.squeeze(1))[:, None])
         best = error.min(1)
         return x, best.indices, best.values, rows
 
