@@ -374,7 +374,9 @@ def _explained_in_turn(
     observed = combos[rows] @ db
     slack = CHECK_TOLERANCE + ROUNDING_MARGIN * rounding[rows] / observed.abs()
     if complement_terms is not None:
-        observed, slack, share = (torch.cat(pair) for pair in zip((observed, slack, share), complement_terms))
+        observed, slack, share = (
+            torch.cat(pair) for pair in zip((observed, slack, share), complement_terms, strict=True)
+        )
     own = share.diagonal()
     taken = torch.zeros(len(x), dtype=torch.bool)
     for i in order.tolist():
