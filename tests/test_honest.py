@@ -5,6 +5,7 @@ knows; the attacks never import the evaluation side; the ε of one attacked rele
 from __future__ import annotations
 
 import ast
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from attacks.labels import recover_labels
 from attacks.layerwise import last_convolution, recover_conv_input, smoothed_front
 from attacks.readout import (
     _explained_in_turn,
+    amplification,
     layer_inputs,
     preactivation_grads,
     rank_one_readout,
@@ -241,3 +243,58 @@ def test_label_counts_are_exact_for_distinct_labels_at_initialisation():
     read = layer_inputs(model, x[:3])  # with some samples read, p̄ is theirs: still exact
     assert recover_labels(model, update, split.input_shape, 10, read=read).tolist() == list(range(10))
     assert count_accuracy(recover_labels(model, update, split.input_shape, 10), y, 10) == 1.0
+
+
+def test_complement_readouts_are_certified_one_by_one_when_part_of_the_batch_stays_unread():
+    """Six neurons every sample fires (T comes out of them) and, for samples 0-2, a neuron that all samples
+    but that one fire: the complements read those three exactly. Samples 3 and 4 fire the same neurons, so
+    nothing isolates them, from either side. The three read are certified, without the two that are not."""
+    torch.manual_seed(0)
+    model = MLP((8,), 3, hidden=16)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(-5.0)  # neurons 9-15: silent
+        model.fc.bias[:6] = 1.0  # neurons 0-5: always on
+        for k in range(3):  # neuron 6 + k: silent for sample k only
+            model.fc.weight[6 + k, k], model.fc.bias[6 + k] = -10.0, 5.0
+    x = torch.zeros(5, 8)
+    x[[0, 1, 2], [0, 1, 2]] = 1.0
+    x[:, 3:] = torch.rand(5, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    update = client_update(model, x, y, MechanismSpec("none", None), ClientSetup())
+    rec = ATTACKS["fc-peel"].run(model, update, (8,), 3, CFG, lambda *a: None)
+    distance = torch.cdist(rec.images[: rec.exact], x, p=float("inf"))
+    assert rec.exact == 3 and sorted(distance.argmin(1).tolist()) == [0, 1, 2]
+    assert distance.amin(1).max() < 1e-4
+    assert rec.labels[: rec.exact].tolist() == y[distance.argmin(1)].tolist()
+
+
+def test_a_confident_samples_check_widens_with_the_steepness_of_its_softmax_error():
+    """The same input through a model that is sure of it (large logits) and one that is not: a relative error
+    in the readout moves the confident one's softmax error (e ~ exp(-margin)) many times more."""
+    torch.manual_seed(0)
+    model = MLP((8,), 3, hidden=16)
+    x, y = torch.rand(1, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([0])
+    sure = copy.deepcopy(model)
+    with torch.no_grad():
+        sure.classifier.weight.mul_(200.0)
+        y = sure(x).argmax(1)
+    assert float(amplification(sure, x, y, (8,))) > 10 * float(amplification(model, x, y, (8,)))
+
+
+def test_label_counts_of_a_model_sure_of_its_batch_take_one_over_c_for_the_samples_not_read():
+    """A model sure of every sample's class (logits 30 x + (10, 0, 0), samples one-hot times 1 to 1.5): the
+    batch's gradient is ~0, so only the estimate of the unread samples' predictions counts. Random inputs
+    fall in class 0 more often than not (the model's predictions depend on the input), and would put four
+    samples there; 1/C spreads the six two per class, as they are."""
+    torch.manual_seed(0)
+    model = MLP((3,), 3, hidden=3)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(3))
+        model.fc.bias.zero_()
+        model.classifier.weight.copy_(30 * torch.eye(3))
+        model.classifier.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.eye(3)[y] * torch.rand(6, 1, generator=torch.Generator().manual_seed(3)).add(0.5)
+    update = client_update(model, x, y, MechanismSpec("none", None), ClientSetup())
+    assert count_accuracy(recover_labels(model, update, (3,), 6), y, 3) == 1.0
