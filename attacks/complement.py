@@ -31,6 +31,7 @@ from attacks.readout import (
     amplification,
     firing_silent,
     forward_from_layer,
+    label_amplification,
     readout_layer,
     within_slack,
 )
@@ -93,9 +94,9 @@ class Complement:
         fires_own = z.gather(1, rows[:, None]).squeeze(1) > margin.gather(1, rows[:, None]).squeeze(1)
         misses_always_on = ((z < -margin) & self.always_on).any(1)
         error[fires_own | misses_always_on | firing_silent(self.model, x, silent)] = math.inf
-        labels = torch.arange(num_classes).repeat(len(x))
-        steep = amplification(self.model, x.repeat_interleave(num_classes, 0), labels, input_shape).view(len(x), -1)
-        error = within_slack(error, self.slack(rows, db, observed, steep))
+        error = within_slack(
+            error, self.slack(rows, db, observed, label_amplification(self.model, x, error, input_shape))
+        )
         best = error.min(1)
         return x, best.indices, best.values, rows
 

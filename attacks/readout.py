@@ -317,6 +317,18 @@ def amplification(
     return 1 + (moved - e).norm(dim=1) / (SENSITIVITY_STEP * e.norm(dim=1)).clamp_min(1e-300)
 
 
+def label_amplification(
+    model: nn.Module, x: torch.Tensor, error: torch.Tensor, input_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """amplification for every candidate x and label (error: (n, C), the relative mismatch of each), computed
+    only where the mismatch is below SLACK_CAP: no other can pass the check."""
+    steep = torch.ones_like(error)
+    near = (error < SLACK_CAP).nonzero()
+    if len(near):
+        steep[near[:, 0], near[:, 1]] = amplification(model, x[near[:, 0]], near[:, 1], input_shape)
+    return steep
+
+
 def rounding_errors(combos: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
     """The float32 rounding error to expect in each readout's bias gradient: machine epsilon times the
     absolute gradient mass of the neurons it combines (peeling adds the mass of every sample it subtracts:
@@ -357,7 +369,7 @@ def _check_readouts(
     predicted = (g.view(len(rows), num_classes, -1) * combos[rows][:, None, :]).sum(-1)
     error = (predicted - observed).abs() / torch.maximum(predicted.abs(), observed.abs())
     error[firing_silent(model, x, silent)] = math.inf
-    steep = amplification(model, x.repeat_interleave(num_classes, 0), labels, input_shape).view(len(rows), -1)
+    steep = label_amplification(model, x, error, input_shape)
     error = within_slack(error, CHECK_TOLERANCE + ROUNDING_MARGIN * steep * rounding[rows, None] / observed.abs())
     best = error.min(1)
     return x, best.indices, best.values, rows
