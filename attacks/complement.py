@@ -28,10 +28,8 @@ from attacks.readout import (
     CHECK_TOLERANCE,
     FIRING_MARGIN,
     ROUNDING_MARGIN,
-    amplification,
     firing_silent,
     forward_from_layer,
-    label_amplification,
     readout_layer,
     within_slack,
 )
@@ -94,18 +92,15 @@ class Complement:
         fires_own = z.gather(1, rows[:, None]).squeeze(1) > margin.gather(1, rows[:, None]).squeeze(1)
         misses_always_on = ((z < -margin) & self.always_on).any(1)
         error[fires_own | misses_always_on | firing_silent(self.model, x, silent)] = math.inf
-        error = within_slack(
-            error, self.slack(rows, db, observed, label_amplification(self.model, x, error, input_shape))
-        )
+        error = within_slack(error, self.slack(rows, db, observed.squeeze(1))[:, None])
         best = error.min(1)
         return x, best.indices, best.values, rows
 
-    def slack(self, rows: torch.Tensor, db: torch.Tensor, observed: torch.Tensor, steep: torch.Tensor) -> torch.Tensor:
-        """The check's tolerance on the complements r_i of neurons `rows` (`observed`: their values, shaped as
-        `steep`, the candidates' attacks.readout.amplification): CHECK_TOLERANCE plus ROUNDING_MARGIN times the
-        float32 rounding of <V_i, E> and dL/db_i relative to r_i, amplified."""
+    def slack(self, rows: torch.Tensor, db: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """The check's tolerance on the complements r_i of neurons `rows` (relative to `observed`, their values):
+        CHECK_TOLERANCE plus ROUNDING_MARGIN times the float32 rounding of <V_i, E> and dL/db_i."""
         rounding = torch.finfo(torch.float32).eps * (self.e.abs() @ self.v.abs() + db.abs())[rows]
-        return CHECK_TOLERANCE + ROUNDING_MARGIN * steep * rounding.view(-1, *[1] * (steep.dim() - 1)) / observed.abs()
+        return CHECK_TOLERANCE + ROUNDING_MARGIN * rounding / observed.abs()
 
     def in_turn(
         self, rows: torch.Tensor, db: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]
@@ -118,8 +113,7 @@ class Complement:
         errors = logits.double().softmax(1) - F.one_hot(labels, len(self.e)).double()
         share = ((errors @ self.v) * (z <= 0))[:, rows].T
         observed = (self.e @ self.v - db)[rows]
-        steep = amplification(self.model, x[-len(rows) :], labels[-len(rows) :], input_shape)
-        return observed, self.slack(rows, db, observed, steep), share
+        return observed, self.slack(rows, db, observed), share
 
     def remove(self, x: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         """Take samples read (from either side) out of T and E."""
