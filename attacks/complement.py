@@ -12,8 +12,10 @@ give T = sum_s e_s x_s^T by least squares. Then for every neuron the complement
 
 is the gradient of the samples it leaves silent, so a neuron that all samples but one fire reads that one,
 x = R_i / r_i, checked like any readout: a lone (x, y) must give <V_i, e(x, y)> = r_i, leave neuron i silent and
-fire every neuron that all samples fire. Samples read (from either side) are removed from T and E too, and
-peeling goes on from both sides (at B <= 64 this reads the whole batch of a trained fcnn in simulation).
+fire every neuron that all samples fire, and taken in turn with the other readouts (attacks.readout): once the
+samples taken before it are peeled, what they put on neuron i's complement is gone, and a second readout of one
+of them is refused. Samples read (from either side) are removed from T and E too, and peeling goes on from both
+sides (a trained fcnn: 0.98 of the faces at B = 64, 0.59 of the digits at B = 32; bench/honest_bench.py).
 """
 
 from __future__ import annotations
