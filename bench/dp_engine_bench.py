@@ -13,7 +13,7 @@ Every setting runs in a fresh process through training.fit or train.py, the stud
 training seconds (evaluation excluded). The settings of a table run in turn, --repeats times over (interleaved,
 so a neighbour's load falls on all of them alike); a table shows the median samples/s and the median of the
 repetitions' ratios to plain training (tables 1-2) or to one single-threaded process (table 3). Peak memory
-(tables 1-2) is the training's rise over the process at rest before it, measured after one warm-up epoch of
+(tables 1-2) is the training's rise over the process at rest before it, measured after a warm-up epoch (64 samples) of
 the same setting in the same process (so lazy imports, oneDNN's caches and the accountant's scipy are not
 counted as training memory): the peak resident set on CPU, reset through /proc/self/clear_refs, CUDA's peak
 allocation on a GPU; beside it the whole process's peak.
@@ -22,6 +22,7 @@ allocation on a GPU; beside it the whole process's peak.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -88,10 +89,13 @@ def measure_one(bench: BenchConfig) -> dict:
     privacy = "none" if mode == "plain" else "dp-sgd"
     z = noise_multiplier_for(8.0, cfg.delta, *poisson_schedule(len(data.y_train), cfg.batch_size, cfg.epochs))
     run = training.Run(bench.one, model_name, privacy, 8.0, z, mode if privacy == "dp-sgd" else "hooks")
-    with tempfile.TemporaryDirectory() as tmp:  # warm-up: one epoch of the same setting on a copy
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: one epoch of the same setting on a copy, 64 samples
         warm = TrainConfig(epochs=1, device=bench.device, threads=bench.threads)
+        few = dataclasses.replace(
+            data, x_train=data.x_train[:64], y_train=data.y_train[:64], x_test=data.x_test[:64], y_test=data.y_test[:64]
+        )
         training.fit(
-            warm, run, trainable_module(copy.deepcopy(model)), torch.nn.Identity(), data, device, Path(tmp) / "h"
+            warm, run, trainable_module(copy.deepcopy(model)), torch.nn.Identity(), few, device, Path(tmp) / "h"
         )
     cuda = device.type == "cuda"
     if cuda:
@@ -128,7 +132,7 @@ def medians(runs: dict[Any, list[dict]], base: Any, key: str = "samples_per_seco
             out[name] = next(r for r in reps if "error" in r)
             continue
         pairs = list(zip(runs[base], reps, strict=True))
-        out[name] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+        out[name] = {k: None if reps[0][k] is None else statistics.median(r[k] for r in reps) for k in reps[0]}
         out[name]["speed"] = statistics.median(r[key] / b[key] for b, r in pairs)
         if "rise_mib" in reps[0]:
             out[name]["memory"] = statistics.median(r["rise_mib"] / b["rise_mib"] for b, r in pairs)
@@ -164,7 +168,7 @@ def process_rows(work: Path, bench: BenchConfig) -> list[list]:
             for n, threads in layouts:
                 out = work / f"{privacy}-{n}x{threads}-{rep}"
                 args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        "train.py", "--models", "cnn", "--privacy", privacy, "--epsilons", "8", "--epochs",
+                        "train.py", "--models", "cnn", "--privacy", privacy, "--epsilons", "8", "--accountant", "rdp", "--epochs",
                         str(bench.dist_epochs), "--threads", str(threads), "--device", bench.device,
                         "--out", str(out)]  # fmt: skip
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
