@@ -26,10 +26,10 @@ PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
 # second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
-# What `auto` tries, in this order; the first that handles the model. Ghost clipping first: on the study's cnn it
-# needed the least memory (1.8x plain against 2.6x for hooks) at 1.24x the time of hooks (bench/dp_engine_bench.py);
-# memory is what runs out first on the models where DP-SGD is slow (large Linear layers, where ghost norms pay).
-ENGINE_PREFERENCE = ("ghost", "hooks", "functorch", "ew")
+# What `auto` tries, in this order; the first that handles the model: the engines by their measured time per epoch
+# on the study's cnn (bench/dp_engine_bench.py, medians of interleaved repetitions): hooks 2.6x plain, ew 3.0x,
+# ghost 3.3x (but the least memory), functorch 3.9x; two earlier sessions measured the same order.
+ENGINE_PREFERENCE = ("hooks", "ew", "ghost", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
