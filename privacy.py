@@ -26,10 +26,12 @@ PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
 # second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
-# What `auto` tries, in this order; the first that handles the model: the engines by their measured time per epoch
-# on the study's cnn (bench/dp_engine_bench.py, medians of interleaved repetitions): hooks 2.6x plain, ew 3.0x,
-# ghost 3.3x (but the least memory), functorch 3.9x; two earlier sessions measured the same order.
-ENGINE_PREFERENCE = ("hooks", "ew", "ghost", "functorch")
+# What `auto` tries, in this order; the first that handles the model. Measured (bench/dp_engine_bench.py, medians of
+# interleaved repetitions): on a ResNet-18 fine-tuned end to end ghost clipping is the fastest (9.3x plain against
+# 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn hooks is
+# faster (2.6x against 3.3x for ghost, 0.05 s an epoch) but needs twice ghost's memory. Ghost first: it wins where
+# DP-SGD's cost matters; `--grad-sample-mode hooks` takes the small models' fastest.
+ENGINE_PREFERENCE = ("ghost", "hooks", "ew", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,

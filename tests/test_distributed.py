@@ -153,9 +153,9 @@ class Scaled(nn.Module):
 
 def test_a_layer_an_engine_cannot_train_is_named_with_an_engine_that_can():
     model = nn.Sequential(nn.Linear(4, 3), Scaled())
-    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode hooks"):  # fmt: skip
+    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode ghost"):  # fmt: skip
         choose_grad_sample_mode(model, "ew")
-    assert choose_grad_sample_mode(model, "auto") == "hooks"
+    assert choose_grad_sample_mode(model, "auto") == "ghost"
     with pytest.raises(utils.UsageError, match=r"layer '1' \(BatchNorm1d\): BatchNorm cannot support.*GroupNorm"):
         choose_grad_sample_mode(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), "auto")
 
@@ -181,7 +181,7 @@ def test_a_failure_only_a_trial_step_shows_is_named_and_auto_takes_an_engine_tha
     ):
         choose_grad_sample_mode(model, "hooks", example)
     assert choose_grad_sample_mode(model, "auto", example) == "ew"
-    assert choose_grad_sample_mode(model, "auto") == "hooks"  # without an example only the static check runs
+    assert choose_grad_sample_mode(model, "auto") == "ghost"  # without an example only the static check runs
 
 
 class AddInPlaceMethod(nn.Module):
