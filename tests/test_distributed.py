@@ -81,7 +81,9 @@ NOISE_PROBE = """
 def test_two_processes_add_the_noise_once_per_step_to_the_sum_of_both_shares(tmp_path):
     """Opacus' DistributedDPOptimizer: rank 0 alone adds N(0, z²C²) to its clipped sum, the processes' sums are
     added, and the step is divided by the expected batch of all processes: the noise's spread is z·C/B, as in
-    one process (not √2 times it, as noise from every process would give), and every process steps alike."""
+    one process (not √2 times it, as noise from every process would give), and every process steps alike. The
+    sums travel flattened in one all-reduce (privacy.reduce_in_one_bucket): the noiseless step is the clipped
+    sum over both processes' samples, to float rounding."""
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(NOISE_PROBE))
     result = json.loads(torchrun([str(script)], tmp_path).strip().splitlines()[-1])
