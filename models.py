@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -110,14 +111,11 @@ class FrozenBackbone(nn.Module):
     def unfreeze(self) -> FrozenBackbone:
         """Make the backbone trainable end to end under DP-SGD: Opacus' ModuleValidator.fix replaces each
         BatchNorm, which mixes samples, by a GroupNorm (Opacus' documented fix), so the pretrained weights
-        of every other layer are kept and the normalisation layers start afresh; in-place activations compute
-        out of place."""
+        of every other layer are kept and the normalisation layers start afresh; in-place operations compute
+        out of place (out_of_place), so Opacus' backward hooks can see through them."""
         from opacus.validators import ModuleValidator
 
-        self.backbone = ModuleValidator.fix(self.backbone.requires_grad_(True))  # it fixes trainable layers only
-        for layer in self.backbone.modules():  # Opacus' backward hooks cannot see through in-place activations
-            if getattr(layer, "inplace", False) is True:
-                layer.inplace = False
+        self.backbone = out_of_place(ModuleValidator.fix(self.backbone.requires_grad_(True)))  # trainable layers only
         self.frozen = False
         return self.train(self.training)
 
@@ -134,6 +132,32 @@ class FrozenBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def out_of_place(module: nn.Module) -> nn.Module:
+    """`module` with its in-place operations computed out of place, the same function with the same parameters
+    (and state_dict keys). Opacus' hooks, functorch and ghost engines rely on full backward hooks, which fail
+    when a hooked layer's output is modified in place: in-place activations (inplace=True), and a residual
+    `x += shortcut` onto a normalisation layer's output, as in timm's and torchvision's ResNets. The flags are
+    cleared; the functional form is rewritten through torch.fx, whose trace records `+=` as an add and in
+    which in-place tensor methods (`add_`) become their out-of-place twins (the fix Opacus proposes for
+    ModuleValidator.fix). A module torch.fx cannot trace (data-dependent control flow, as in transformers)
+    keeps its forward; the trial step of privacy.choose_grad_sample_mode then picks an engine that works."""
+    for layer in module.modules():
+        if getattr(layer, "inplace", False) is True:
+            layer.inplace = False
+    try:
+        traced = torch.fx.symbolic_trace(module)
+    except Exception:  # any failure to trace leaves the module as it was
+        return module
+    for node in traced.graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        name = node.target if node.op == "call_method" else ""
+        if name.endswith("_") and not name.startswith("_") and callable(getattr(torch.Tensor, name[:-1], None)):
+            node.target = name[:-1]
+    traced.recompile()
+    return traced
 
 
 def _weights_error(model: str, source: str, how: str, err: Exception) -> UsageError:

@@ -1,30 +1,38 @@
 """DP-SGD past the defaults: Opacus' per-sample gradient engines against plain training, and one run trained by
 one or two processes (torchrun).
 
-    uv run python bench/dp_engine_bench.py [--tables 1 2 3] [--epochs 4] [--resnet resnet18 --resnet-size 32]
+    uv run python bench/dp_engine_bench.py [--tables 1 2 3] [--repeats 3] [--resnet resnet18 --resnet-size 32]
 
 1. the cnn on faces (the study's batch size 32), plain vs DP-SGD under each engine (hooks, functorch, ew, ghost);
 2. a ResNet fine-tuned end to end (random weights, BatchNorm -> GroupNorm through Opacus' ModuleValidator, the
    images resized to --resnet-size), the same settings;
-3. the cnn under DP-SGD (the fastest engine) and plain, trained by 1 and by 2 processes
-   (`torchrun --nproc_per_node N train.py`, gloo on CPU, nccl on CUDA).
+3. the cnn, plain and under DP-SGD (the engine `auto` takes), trained by 1 process with 1 and with 2 torch
+   threads and by 2 processes with 1 thread each (`torchrun --nproc_per_node N train.py`, gloo on CPU).
 
-Every setting runs in a fresh process through training.fit, the study's own loop: samples/s over the training
-seconds (evaluation excluded), and peak memory as the training's rise over the process at rest before it (the
-peak resident set on CPU, reset just before training through /proc/self/clear_refs; CUDA's peak allocation on a
-GPU), beside the whole process's peak. Ratios are to plain training of the same model.
+Every setting runs in a fresh process through training.fit or train.py, the study's own code: samples/s over the
+training seconds (evaluation excluded). The settings of a table run in turn, --repeats times over (interleaved,
+so a neighbour's load falls on all of them alike); a table shows the median samples/s and the median of the
+repetitions' ratios to plain training (tables 1-2) or to one single-threaded process (table 3). Peak memory
+(tables 1-2) is the training's rise over the process at rest before it, measured after a warm-up epoch (64 samples) of
+the same setting in the same process (so lazy imports, oneDNN's caches and the accountant's scipy are not
+counted as training memory): the peak resident set on CPU, reset through /proc/self/clear_refs, CUDA's peak
+allocation on a GPU; beside it the whole process's peak.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tyro
 
@@ -40,10 +48,11 @@ ENGINES = ["hooks", "functorch", "ew", "ghost"]
 class BenchConfig:
     tables: list[int] = field(default_factory=lambda: [1, 2, 3])
     epochs: int = 4  # training epochs per setting (150 faces each)
+    repeats: int = 3  # interleaved repetitions of every setting; the tables show medians
     resnet: str = "resnet18"  # timm architecture fine-tuned in table 2 (random weights; resnet50 works, slowly)
     resnet_size: int = 32  # the side its inputs are resized to
     resnet_epochs: int = 1  # its epochs per setting (expanded weights take minutes per epoch on a CPU)
-    dist_epochs: int = 6  # epochs per setting of table 3
+    dist_epochs: int = 20  # epochs per setting of table 3
     threads: int = 1  # torch CPU threads per process (the study's default)
     device: str = "auto"
     one: str | None = None  # internal: measure one setting, MODEL:MODE, in this process and print it as JSON
@@ -80,6 +89,14 @@ def measure_one(bench: BenchConfig) -> dict:
     privacy = "none" if mode == "plain" else "dp-sgd"
     z = noise_multiplier_for(8.0, cfg.delta, *poisson_schedule(len(data.y_train), cfg.batch_size, cfg.epochs))
     run = training.Run(bench.one, model_name, privacy, 8.0, z, mode if privacy == "dp-sgd" else "hooks")
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: one epoch of the same setting on a copy, 64 samples
+        warm = TrainConfig(epochs=1, device=bench.device, threads=bench.threads)
+        few = dataclasses.replace(
+            data, x_train=data.x_train[:64], y_train=data.y_train[:64], x_test=data.x_test[:64], y_test=data.y_test[:64]
+        )
+        training.fit(
+            warm, run, trainable_module(copy.deepcopy(model)), torch.nn.Identity(), few, device, Path(tmp) / "h"
+        )
     cuda = device.type == "cuda"
     if cuda:
         model.to(device)
@@ -106,40 +123,62 @@ def in_fresh_process(bench: BenchConfig, setting: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def engine_rows(bench: BenchConfig, model: str) -> list[list]:
-    plain = in_fresh_process(bench, f"{model}:plain")
-    rows = [["plain", plain["samples_per_second"], 1.0, plain["rise_mib"], 1.0, plain["peak_mib"]]]
-    for engine in ENGINES:
-        r = in_fresh_process(bench, f"{model}:{engine}")
-        if "error" in r:
-            rows.append([f"DP-SGD, {engine}", f"fails: {r['error'][:100]}", "--", "--", "--", "--"])
+def medians(runs: dict[Any, list[dict]], base: Any, key: str = "samples_per_second") -> dict[str, dict]:
+    """Per setting: the median of each measured value, and the median over repetitions of its ratio to `base`
+    measured in the same repetition (time ratio base/setting for rates, setting/base for memory)."""
+    out = {}
+    for name, reps in runs.items():
+        if any("error" in r for r in reps):
+            out[name] = next(r for r in reps if "error" in r)
             continue
-        time_ratio = plain["samples_per_second"] / r["samples_per_second"]
-        rows.append([f"DP-SGD, {engine}", r["samples_per_second"], time_ratio, r["rise_mib"],
-                     r["rise_mib"] / plain["rise_mib"], r["peak_mib"]])  # fmt: skip
+        pairs = list(zip(runs[base], reps, strict=True))
+        out[name] = {k: None if reps[0][k] is None else statistics.median(r[k] for r in reps) for k in reps[0]}
+        out[name]["speed"] = statistics.median(r[key] / b[key] for b, r in pairs)
+        if "rise_mib" in reps[0]:
+            out[name]["memory"] = statistics.median(r["rise_mib"] / b["rise_mib"] for b, r in pairs)
+    return out
+
+
+def engine_rows(bench: BenchConfig, model: str) -> list[list]:
+    settings = ["plain", *ENGINES]
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
+    for _ in range(bench.repeats):
+        for setting in settings:
+            runs[setting].append(in_fresh_process(bench, f"{model}:{setting}"))
+    rows = []
+    for setting, m in medians(runs, "plain").items():
+        label = setting if setting == "plain" else f"DP-SGD, {setting}"
+        if "error" in m:
+            rows.append([label, f"fails: {m['error'][:100]}", "--", "--", "--", "--"])
+            continue
+        rows.append([label, m["samples_per_second"], 1 / m["speed"], m["rise_mib"], m["memory"], m["peak_mib"]])
     return rows
 
 
 def process_rows(work: Path, bench: BenchConfig) -> list[list]:
-    """Table 3: train.py under torchrun with 1 and 2 processes; samples/s of all processes together."""
+    """Table 3: train.py under torchrun, 1 process x 1 thread, 1 process x 2 threads, 2 processes x 1 thread;
+    samples/s of all processes together, each setting in turn, --repeats times over."""
     from privacy import ENGINE_PREFERENCE
 
+    layouts = [(1, 1), (1, 2), (2, 1)]  # (processes, torch threads per process)
     rows = []
     for privacy in ("none", "dp-sgd"):
-        rates = {}
-        for n in (1, 2):
-            out = work / f"{privacy}-{n}"
-            args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                    "train.py", "--models", "cnn", "--privacy", privacy, "--epsilons", "8", "--epochs",
-                    str(bench.dist_epochs), "--threads", str(bench.threads), "--device", bench.device,
-                    "--grad-sample-mode", ENGINE_PREFERENCE[0], "--out", str(out)]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads)}
-            subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True)
-            (metrics,) = (utils.read_json(p) for p in out.glob("*/metrics.json"))
-            rates[n] = metrics["samples_per_second"]
-            label = "plain" if privacy == "none" else f"DP-SGD ({ENGINE_PREFERENCE[0]})"
-            rows.append([label, n, metrics["samples_per_second"], rates[n] / rates[1], metrics["accuracy"],
-                         metrics["epsilon"]])  # fmt: skip
+        runs: dict[tuple[int, int], list[dict]] = {layout: [] for layout in layouts}
+        for rep in range(bench.repeats):
+            for n, threads in layouts:
+                out = work / f"{privacy}-{n}x{threads}-{rep}"
+                args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        "train.py", "--models", "cnn", "--privacy", privacy, "--epsilons", "8", "--accountant", "rdp", "--epochs",
+                        str(bench.dist_epochs), "--threads", str(threads), "--device", bench.device,
+                        "--out", str(out)]  # fmt: skip
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+                (metrics,) = (utils.read_json(p) for p in out.glob("*/metrics.json"))
+                runs[(n, threads)].append({k: metrics[k] for k in ("samples_per_second", "accuracy", "epsilon")})
+        label = "plain (DDP)" if privacy == "none" else f"DP-SGD ({ENGINE_PREFERENCE[0]}, DPDDP)"
+        for (n, threads), m in medians(runs, (1, 1)).items():
+            eps = m["epsilon"] if privacy == "dp-sgd" else None
+            rows.append([label, n, threads, m["samples_per_second"], m["speed"], m["accuracy"], eps])
     return rows
 
 
@@ -155,7 +194,7 @@ TABLES = {
     1: ("the cnn on faces: plain vs each Opacus engine", lambda work, bench: engine_rows(bench, "cnn"), HEADER),
     2: ("a ResNet fine-tuned end to end (random weights)", lambda work, bench: engine_rows(bench, "resnet"), HEADER),
     3: ("one run, 1 vs 2 processes (torchrun)", process_rows,
-        ["setting", "processes", "samples/s", "× one process", "accuracy", "ε"]),
+        ["setting", "processes", "threads each", "samples/s", "× 1 process, 1 thread", "accuracy", "ε"]),
 }  # fmt: skip
 
 
@@ -167,7 +206,10 @@ def main() -> None:
     import torch
 
     device = utils.pick_device(bench.device)
-    print(f"DP-SGD engines on {device}, {bench.threads} torch thread(s) per process, {os.cpu_count()} CPUs")
+    print(
+        f"DP-SGD engines on {device}, {bench.threads} torch thread(s) per process (tables 1-2), {os.cpu_count()} CPUs,"
+        f" medians of {bench.repeats} interleaved repetitions"
+    )
     if 2 in bench.tables:
         print(f"table 2: timm {bench.resnet}, inputs resized to {bench.resnet_size} px")
     del torch

@@ -17,7 +17,7 @@ import config
 import train
 import utils
 from models import FrozenBackbone, load_checkpoint, save_checkpoint
-from privacy import choose_grad_sample_mode, make_private
+from privacy import choose_grad_sample_mode, engine_problem, make_private
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus advice and hook notes, not findings
@@ -81,7 +81,9 @@ NOISE_PROBE = """
 def test_two_processes_add_the_noise_once_per_step_to_the_sum_of_both_shares(tmp_path):
     """Opacus' DistributedDPOptimizer: rank 0 alone adds N(0, z²C²) to its clipped sum, the processes' sums are
     added, and the step is divided by the expected batch of all processes: the noise's spread is z·C/B, as in
-    one process (not √2 times it, as noise from every process would give), and every process steps alike."""
+    one process (not √2 times it, as noise from every process would give), and every process steps alike. The
+    sums travel flattened in one all-reduce (privacy.reduce_in_one_bucket): the noiseless step is the clipped
+    sum over both processes' samples, to float rounding."""
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(NOISE_PROBE))
     result = json.loads(torchrun([str(script)], tmp_path).strip().splitlines()[-1])
@@ -184,6 +186,37 @@ def test_a_failure_only_a_trial_step_shows_is_named_and_auto_takes_an_engine_tha
     assert choose_grad_sample_mode(model, "auto") == "ghost"  # without an example only the static check runs
 
 
+class AddInPlaceMethod(nn.Module):
+    """A residual added in place by the tensor method, onto a hooked convolution's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).add_(x)
+
+
+def test_full_finetune_computes_in_place_residuals_out_of_place_so_every_engine_trains_it():
+    """unfreeze rewrites `y += x`, `.add_` and inplace activations out of place (torch.fx): the same function, and
+    Opacus' hook-based engines, which fail on such a residual (the test above), now train it; so do they timm's
+    ResNet-18, whose blocks end in `x += shortcut`."""
+    import timm
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), Residual(), AddInPlaceMethod(), nn.AdaptiveAvgPool2d(1)]
+    x = torch.rand(2, 1, 10, 10)
+    before = FrozenBackbone(nn.Sequential(*layers, nn.Flatten()), 4, 2, image_size=10)
+    expected = before(x)
+    model = before.unfreeze()
+    torch.testing.assert_close(model(x), expected)
+    for mode in ("hooks", "functorch", "ghost", "ew"):
+        assert engine_problem(model, mode, x) is None, mode
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    model = FrozenBackbone(resnet, resnet.num_features, 2, image_size=32).unfreeze()
+    assert choose_grad_sample_mode(model, "hooks", torch.rand(2, 1, 25, 25)) == "hooks"
+
+
 def test_an_unknown_engine_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(lambda: train.main(["--grad-sample-mode", "fast", "--out", str(tmp_path / "x")]))
@@ -208,17 +241,18 @@ def test_full_finetune_trains_the_backbone_with_groupnorm_and_checkpoints_it(tmp
     model = tiny()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.backbone.modules())
-    before = model.backbone[0].weight.detach().clone()
+    conv = model.backbone.get_submodule("0")  # the backbone is torch.fx's rewrite (models.out_of_place), same names
+    before = conv.weight.detach().clone()
     cfg = config.TrainConfig(epochs=1, accountant="rdp", out=tmp_path)
     run = training.Run("r", "tiny", "dp-sgd", 8.0, 1.0, choose_grad_sample_mode(model, "auto"))
     data = load_dataset("faces")
     split, prepare, _ = training.head_inputs(cfg, model, data, torch.device("cpu"))
     assert split is data  # images, not a feature cache: the backbone trains
     training.fit(cfg, run, training.trainable_module(model), prepare, split, torch.device("cpu"), tmp_path / "h.csv")
-    assert not torch.equal(model.backbone[0].weight, before)
+    assert not torch.equal(conv.weight, before)
     save_checkpoint(model, tmp_path / "m.safetensors")
     other = load_checkpoint(tiny(), tmp_path / "m.safetensors")
-    assert torch.equal(other.backbone[0].weight, model.backbone[0].weight)
+    assert torch.equal(other.backbone.get_submodule("0").weight, conv.weight)
 
 
 def test_a_grid_on_two_ray_workers_writes_what_the_serial_study_writes(tmp_path):
