@@ -328,7 +328,7 @@ class AttackConfig:
         if self.local_epochs * self.local_batches > 1:
             from attacks.federated import ATTACKS as FEDAVG_ATTACKS
 
-            wrong = [a for a in self.attacks if a not in FEDAVG_ATTACKS]
+            wrong = [a for a in self.attacks if a not in FEDAVG_ATTACKS and a != "fc-peel"]  # fc-peel: attacks/multistep.py
             if wrong:
                 raise UsageError(
                     f"--local-epochs {self.local_epochs} --local-batches {self.local_batches} make the client share a "
