@@ -165,4 +165,5 @@ def read_weight_update(
         exact=len(known),
         collisions=len(rest),
         unexplained=float(state.residual().norm() / state.rows.norm().clamp_min(1e-300)),
+        labelled=reads_pixels(model, input_shape),
     )
