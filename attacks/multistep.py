@@ -10,7 +10,7 @@ gradient of (x, y) at the sent weights: the single-sample check, the peeling coe
 Here neither needs the model's gradient. The update M (neurons x (d + 1)) has rank n (n <= d + 1 samples), and
 sample k's column c_k is, among the columns M g of the rank-one shares that M splits off together with the
 known samples (X g = e_k for the known rows X, g in M's row space), the one that vanishes on the neurons k never
-fired. Those are found from the protocol alone: a neuron whose pre-activation for x stays below -MARGIN times
+fired. Those are found from the protocol alone: a neuron whose pre-activation for x stays below -margin times
 how far the local steps could move it (lr * |row of M| * |x|) at both the sent and the returned weights.
 Over those neurons the column is a least-squares solve; a candidate is certified when that solve is exact
 (float rounding), unique, and the column is nonzero on the neurons x clearly fires, and when it fires no
@@ -39,8 +39,10 @@ from defenses import SharedUpdate, trainable_parameters
 
 RANK_TOLERANCE = 1e-6  # singular values of the update below this share of the largest are rounding (a 100-step
 # float32 update of 50 digits: 50 above 2e-4, the 51st at 3e-8)
-MARGIN = 0.5  # a neuron is surely silent (or firing) for x when its pre-activation stays beyond this many times
-# lr * |row| * |x| at the sent and the returned weights: no contribution of 50 digits over 100 steps lies beyond 0.25
+MARGINS = (0.5, 1.0, 2.0)  # a neuron is surely silent (or firing) for x when its pre-activation stays beyond this
+# many times lr * |row| * |x| at the sent and the returned weights (the steps' net move): no contribution of 50
+# digits over 100 steps lies beyond 0.25 (fcnn), but with 2 images a batch the partial sums overshoot it past 0.5;
+# a margin too narrow leaves the fit inexact (no certificate), one too wide too few neurons to pin the column
 EXACT_COLUMN = 1e-6  # relative residual of a column's fit on the silent neurons: a sample's ~1e-9, a mixture's O(1)
 UNIQUE_COLUMN = 1e-6  # ... and the fit's smallest singular value relative to the update's largest (a sample that
 # another unread one cannot stand in for)
@@ -74,11 +76,14 @@ class WeightUpdate:
 
     def column(self, x: torch.Tensor) -> torch.Tensor | None:
         """The column of the candidate x ((x, 1), float64) given the known samples, or None where it is not
-        certified as one sample."""
+        certified as one sample at any of the MARGINS (the narrowest first: most silent neurons)."""
+        return next((c for margin in MARGINS if (c := self.column_at(x, margin)) is not None), None)
+
+    def column_at(self, x: torch.Tensor, margin: float) -> torch.Tensor | None:
         scale = self.drift * x.norm()
         z0, z1 = self.sent @ x, self.returned @ x
-        silent = self.live & (z0 < -MARGIN * scale) & (z1 < -MARGIN * scale)
-        firing = self.live & (z0 > MARGIN * scale) & (z1 > MARGIN * scale)
+        silent = self.live & (z0 < -margin * scale) & (z1 < -margin * scale)
+        firing = self.live & (z0 > margin * scale) & (z1 > margin * scale)
         rows = torch.stack([*self.known, x]) @ self.basis.T  # the samples in row-space coordinates
         if int(silent.sum()) < self.rank - len(rows) + 1:
             return None
@@ -139,8 +144,8 @@ def read_weight_update(
     model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> Readout:
     """Peeling of the readout layer's rows of a multi-step update: the samples read on two neurons alike and
-    certified by their column, peeled round after round; then the readouts of what is left, unchecked, those
-    that have a column first (mostly samples read on one neuron only), then the rest (mixtures)."""
+    certified by their column, peeled round after round; then the readouts of what is left, unchecked: those
+    read on two neurons alike first, then the others by their bias entry (single reads and mixtures)."""
     state = WeightUpdate(model, update)
     silent = ~state.live
     while len(state.known) < state.rank:
@@ -152,11 +157,11 @@ def read_weight_update(
         for xi, c in new[: state.rank - len(state.known)]:
             state.known.append(xi)
             state.columns.append(c)
-    rest = readouts(state)  # the lone neurons of samples read once, and mixtures: those with a column first
+    rest = readouts(state)  # unchecked: those read on two neurons alike first, then by their bias entry
+    twins = twice_read(rest)
+    rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
-    rest = rest[~firing_silent(model, rest[:, :-1], silent)]
-    probable = torch.tensor([state.column(xi) is not None for xi in rest], dtype=torch.bool)
-    rest = torch.cat([rest[probable], rest[~probable]])[:, :-1]
+    rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]
     known = torch.stack(state.known)[:, :-1] if state.known else rest.new_zeros(0, rest.shape[1])
     inputs = torch.cat([known, rest]).float()
     return Readout(
