@@ -39,7 +39,14 @@ from defenses import SharedUpdate, trainable_parameters
 
 RANK_TOLERANCE = 1e-6  # singular values of the update below this share of the largest are rounding (a 100-step
 # float32 update of 50 digits: 50 above 2e-4, the 51st at 3e-8)
-MARGINS = (0.5, 1.0, 2.0)  # a neuron is surely silent (or firing) for x when its pre-activation stays beyond this
+MARGINS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+)  # a neuron is surely silent (or firing) for x when its pre-activation stays beyond this
 # many times lr * |row| * |x| at the sent and the returned weights (the steps' net move): no contribution of 50
 # digits over 100 steps lies beyond 0.25 (fcnn), but with 2 images a batch the partial sums overshoot it past 0.5;
 # a margin too narrow leaves the fit inexact (no certificate), one too wide too few neurons to pin the column
@@ -47,6 +54,7 @@ EXACT_COLUMN = 1e-6  # relative residual of a column's fit on the silent neurons
 UNIQUE_COLUMN = 1e-6  # ... and the fit's smallest singular value relative to the update's largest (a sample that
 # another unread one cannot stand in for)
 TWIN_TOLERANCE = 1e-5  # two readouts of one sample agree to float32 rounding (~1e-7 on digits)
+SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
 
 
@@ -78,6 +86,13 @@ class WeightUpdate:
         """The column of the candidate x ((x, 1), float64) given the known samples, or None where it is not
         certified as one sample at any of the MARGINS (the narrowest first: most silent neurons)."""
         return next((c for margin in MARGINS if (c := self.column_at(x, margin)) is not None), None)
+
+    def fits(self, x: torch.Tensor, c: torch.Tensor) -> bool:
+        """Whether the column has no zero where x fires at both the sent and the returned weights: a mixture's
+        column is that of one sample it mixes (the one silent where the mixture is), zero where only the others
+        fire; a sample firing a neuron from the first step to the last has a gradient on it."""
+        both = self.live & (self.sent @ x > 0) & (self.returned @ x > 0)
+        return not bool((both & (c.abs() <= SUPPORT_FLOOR * c.abs().max())).any())
 
     def column_at(self, x: torch.Tensor, margin: float) -> torch.Tensor | None:
         scale = self.drift * x.norm()
@@ -148,27 +163,39 @@ def read_weight_update(
     read on two neurons alike first, then the others by their bias entry (single reads and mixtures)."""
     state = WeightUpdate(model, update)
     silent = ~state.live
+    certified: list[bool] = []
     while len(state.known) < state.rank:
-        x = twice_read(readouts(state))
+        x = readouts(state)
+        twins = twice_read(x)
         x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
-        new = [(xi, c) for xi in x[~firing_silent(model, x[:, :-1], silent)] if (c := state.column(xi)) is not None]
+        x = x[~firing_silent(model, x[:, :-1], silent)]
+        twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= TWIN_TOLERANCE).any(1)
+        new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
+        if not new:  # no sample read twice: peel the best-conditioned single read whose column fits its firing
+            singles = x[~twin][:SINGLE_TRIES]
+            new = next(
+                ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
+            )
         if not new:
             break
-        for xi, c in new[: state.rank - len(state.known)]:
+        for xi, c, sure in new[: state.rank - len(state.known)]:
             state.known.append(xi)
             state.columns.append(c)
+            certified.append(sure)
     rest = readouts(state)  # unchecked: those read on two neurons alike first, then by their bias entry
     twins = twice_read(rest)
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
     rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]
+    sure = torch.tensor(certified, dtype=torch.bool)
     known = torch.stack(state.known)[:, :-1] if state.known else rest.new_zeros(0, rest.shape[1])
+    known = torch.cat([known[sure], known[~sure]]) if len(known) else known
     inputs = torch.cat([known, rest]).float()
     return Readout(
         inputs=inputs,
         labels=returned_labels(model, update, inputs, input_shape),
-        exact=len(known),
-        collisions=len(rest),
+        exact=int(sure.sum()),
+        collisions=len(inputs) - int(sure.sum()),
         unexplained=float(state.residual().norm() / state.rows.norm().clamp_min(1e-300)),
         labelled=reads_pixels(model, input_shape),
     )
