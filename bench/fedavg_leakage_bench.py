@@ -1,19 +1,19 @@
 """Benchmark of the FedAvg attacks (issue #12), measured through the command a user runs (gradient_attack.py
 with --local-epochs/--local-batches, in-process, on a scratch directory), printed as Markdown tables:
 
-1. leakage against local work: the share of a client's digits recovered (PSNR >= 25 dB) by dlf and by the
-   ig-weight baseline against the local SGD steps behind its update (batches of 5 images; up to 10 steps one
-   epoch over `steps` batches, beyond that epochs of 10 batches), without a defense at every --steps and under
-   dp-sgd:8 / dp-fedavg:1 / secagg:2 at --defended-steps (the 2-core budget: where nothing leaks without a
-   defense, none leaks with one); writes the figure static/fedavg_leakage.png (figures.plot_fedavg_leakage);
-2. Dimitrov et al.'s FEMNIST setting on digits: 10 epochs x 10 batches x 5 images, every attack (goal: dlf
-   recovers >= 50 %, where DLF recovers > 45 % on FEMNIST and the baseline < 10 %);
+1. leakage against local work: the share of a client's digits recovered (PSNR >= 25 dB) against the local SGD
+   steps behind its update (batches of 5 images; up to 10 steps one epoch over `steps` batches, beyond that
+   epochs of 10 batches), by every --attacks without a defense and by the --defended ones (fc-peel: seconds a
+   run) under dp-sgd:8 / dp-fedavg:1 / secagg:2 too, at every step count; the same run writes the figure
+   static/fedavg_leakage.png (figures.plot_fedavg_leakage);
+2. Dimitrov et al.'s FEMNIST setting on digits: 10 epochs x 10 batches x 5 images, every --attacks on every
+   --models (goal: >= 50 % recovered, where DLF recovers > 45 % on FEMNIST and the baseline < 10 %);
 3. DMGAN (Hitaj et al. 2017): a malicious client without the target class trains a generator against the
    global model over simulated FedAvg rounds (defenses.client_update for every client, no Flower); scored by
    the nearest real target image's SSIM (skimage, data_range 1) and a held-out classifier's confidence.
 
-    uv run python bench/fedavg_leakage_bench.py                 # tables 1 and 3 (~40 min on 2 busy cores)
-    uv run python bench/fedavg_leakage_bench.py --tables 2 --iterations 400
+    uv run python bench/fedavg_leakage_bench.py --tables 1 --model fcnn --attacks fc-peel   # ~10 min, the figure
+    uv run python bench/fedavg_leakage_bench.py --tables 2 --attacks fc-peel dlf ig-weight --seed 1
 """
 
 from __future__ import annotations
