@@ -49,3 +49,19 @@ def test_dimitrov_setting_certifies_nothing_false():
     readout = read_weight_update(model, update, split.input_shape, split.num_classes, 1)
     assert readout.exact < 50
     assert (certified_errors(readout, x) < 1e-4).all()
+
+
+def test_secure_aggregation_sum_of_unequal_clients_read_as_one_update():
+    # two clients of 4 and 2 digits, 2 epochs in batches of 2 each: the server sees only the sum of their updates
+    split = load_dataset("digits")
+    x, y = split.x_train[:6], split.y_train[:6]
+    torch.manual_seed(0)
+    model = create_model("fcnn", split.input_shape, split.num_classes)
+    secagg = MechanismSpec("secagg", 2.0)
+    update = client_update(
+        model, x[:4], y[:4], secagg, ClientSetup(lr=0.05), others=[(x[4:], y[4:])], epochs=2, batch_size=2
+    )
+    assert update.num_clients == 2 and update.local_steps == 4
+    readout = read_weight_update(model, update, split.input_shape, split.num_classes, 0)
+    assert readout.exact == 6
+    assert (certified_errors(readout, x.flatten(1)) < 1e-4).all()
