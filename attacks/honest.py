@@ -73,7 +73,12 @@ def fc_readout(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, .
 
 def fc_peel(model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int):
     """Peeling to the end (from both sides where the classifier follows), then the sparse factorisation of
-    the rest: every reported sample is certified; what stays unresolved is filled with unchecked readouts."""
+    the rest: every reported sample is certified; what stays unresolved is filled with unchecked readouts. A
+    FedAvg weight update (several local steps) is read by attacks/multistep.py."""
+    if update.local_steps > 1:
+        from attacks.multistep import read_weight_update
+
+        return read_weight_update(model, update, input_shape, num_classes, seed)
     batch = num_reconstructed(update)
     return read_update(model, update, input_shape, num_classes, rounds=batch, factorise=True)
 
@@ -125,9 +130,11 @@ def readout_attack(read: Callable[..., Readout]) -> Callable[..., Reconstruction
         cfg: AttackConfig,
         observe: Observer,
     ) -> Reconstruction:
+        from attacks.federated import as_gradient
+
         model, update = on_cpu(model, update)
         readout = read(model, update, input_shape, num_classes, cfg.seed)
-        return readout_reconstruction(model, readout, update, input_shape, cfg, observe)
+        return readout_reconstruction(model, readout, as_gradient(update), input_shape, cfg, observe)
 
     return run
 

@@ -159,7 +159,7 @@ def with_counted_labels(
     """The readout with the labels of its unchecked rows (mixtures) replaced: the exact readouts keep the labels
     their check found, and the other rows take, in turn, the labels that the last layer's gradient counts
     (attacks.labels) and the exact readouts do not account for."""
-    if readout.exact >= len(readout.inputs):
+    if readout.exact >= len(readout.inputs) or readout.labelled:
         return readout
     left = recover_labels(model, update, input_shape, count, seed, readout.inputs[: readout.exact]).tolist()
     for label in readout.labels[: readout.exact].tolist():

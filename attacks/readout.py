@@ -53,6 +53,7 @@ class Readout:
     exact: int  # readouts that passed the check (distinct samples)
     collisions: int  # readouts that carry gradient but failed it: several samples shared a neuron/bin
     unexplained: float  # share of the layer's weight gradient not explained by the exact readouts
+    labelled: bool = False  # every row's label was read (attacks/multistep.py), none is to be recounted
 
 
 # --- the readout layer and per-sample gradients on it ------------------------------------------------

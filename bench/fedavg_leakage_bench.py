@@ -1,19 +1,19 @@
 """Benchmark of the FedAvg attacks (issue #12), measured through the command a user runs (gradient_attack.py
 with --local-epochs/--local-batches, in-process, on a scratch directory), printed as Markdown tables:
 
-1. leakage against local work: the share of a client's digits recovered (PSNR >= 25 dB) by dlf and by the
-   ig-weight baseline against the local SGD steps behind its update (batches of 5 images; up to 10 steps one
-   epoch over `steps` batches, beyond that epochs of 10 batches), without a defense at every --steps and under
-   dp-sgd:8 / dp-fedavg:1 / secagg:2 at --defended-steps (the 2-core budget: where nothing leaks without a
-   defense, none leaks with one); writes the figure static/fedavg_leakage.png (figures.plot_fedavg_leakage);
-2. Dimitrov et al.'s FEMNIST setting on digits: 10 epochs x 10 batches x 5 images, every attack (goal: dlf
-   recovers >= 50 %, where DLF recovers > 45 % on FEMNIST and the baseline < 10 %);
+1. leakage against local work: the share of a client's digits recovered (PSNR >= 25 dB) against the local SGD
+   steps behind its update (batches of 5 images; up to 10 steps one epoch over `steps` batches, beyond that
+   epochs of 10 batches), by every --attacks without a defense and by the --defended ones (fc-peel: seconds a
+   run) under dp-sgd:8 / dp-fedavg:1 / secagg:2 too, at every step count; the same run writes the figure
+   static/fedavg_leakage.png (figures.plot_fedavg_leakage);
+2. Dimitrov et al.'s FEMNIST setting on digits: 10 epochs x 10 batches x 5 images, every --attacks on every
+   --models (goal: >= 50 % recovered, where DLF recovers > 45 % on FEMNIST and the baseline < 10 %);
 3. DMGAN (Hitaj et al. 2017): a malicious client without the target class trains a generator against the
    global model over simulated FedAvg rounds (defenses.client_update for every client, no Flower); scored by
    the nearest real target image's SSIM (skimage, data_range 1) and a held-out classifier's confidence.
 
-    uv run python bench/fedavg_leakage_bench.py                 # tables 1 and 3 (~40 min on 2 busy cores)
-    uv run python bench/fedavg_leakage_bench.py --tables 2 --iterations 400
+    uv run python bench/fedavg_leakage_bench.py --tables 1 --model fcnn --attacks fc-peel   # ~10 min, the figure
+    uv run python bench/fedavg_leakage_bench.py --tables 2 --attacks fc-peel dlf ig-weight --seed 1
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ MECHANISMS = ["none", "dp-sgd:8", "dp-fedavg:1", "secagg:2"]
 
 @dataclass
 class BenchConfig:
-    model: str = "mlp"  # the victim, fresh on digits
-    steps: tuple[int, ...] = (1, 2, 5, 10, 20, 100)  # local SGD steps (table 1), without a defense
-    defended_steps: tuple[int, ...] = (1, 2, 5, 10)  # ... and under each defense (dlf; ig-weight only undefended)
+    model: str = "mlp"  # the victim, fresh on digits (tables 1 and 3)
+    models: tuple[str, ...] = ("fcnn", "mlp")  # table 2's victims
+    attacks: tuple[str, ...] = ("fc-peel", "dlf", "ig-weight")  # table 1: at every step count without a defense
+    defended: tuple[str, ...] = ("fc-peel",)  # ... and under every defense at every step count (fc-peel: seconds)
+    steps: tuple[int, ...] = (1, 2, 5, 10, 20, 100)  # local SGD steps (table 1)
     iterations: int = 100  # attack iterations per client (few: the 2-core budget; the loss flattens by then)
     restarts: int = 1
     rounds: int = 20  # DMGAN: FedAvg rounds (table 3)
@@ -58,7 +60,7 @@ def attack(out: Path, cfg: BenchConfig, steps: int, attacks: list[str], mechanis
     """gradient_attack.py on one client holding 5 x batches digits; the metrics.json of each run, with the
     local steps and recovered share added."""
     epochs, batches = local_work(steps)
-    run_dir = out / f"steps{steps}-{'-'.join(attacks)}"
+    run_dir = out / f"{cfg.model}-steps{steps}-{'-'.join(attacks)}"
     args = ["--model", cfg.model, "--dataset", "digits", "--batch-sizes", "5", "--num-images", str(5 * batches)]
     args += ["--local-epochs", str(epochs), "--local-batches", str(batches), "--attacks", *attacks]
     args += ["--mechanisms", *mechanisms, "--iterations", str(cfg.iterations), "--restarts", str(cfg.restarts)]
@@ -78,11 +80,11 @@ def leakage_vs_steps(out: Path, cfg: BenchConfig) -> list[list]:
     from figures import plot_fedavg_leakage
 
     runs = []
-    for steps in sorted({*cfg.steps, *cfg.defended_steps}):
-        mechanisms = [m for m in MECHANISMS if steps in (cfg.steps if m == "none" else cfg.defended_steps)]
-        runs += attack(out, cfg, steps, ["dlf"], mechanisms) + attack(out, cfg, steps, ["ig-weight"], ["none"])
+    for steps in cfg.steps:
+        for name in cfg.attacks:
+            runs += attack(out, cfg, steps, [name], MECHANISMS if name in cfg.defended else ["none"])
     frame = pd.DataFrame(runs)
-    frame["attack"] = pd.Categorical(frame.attack, ["dlf", "ig-weight"])
+    frame["attack"] = pd.Categorical(frame.attack, list(cfg.attacks))
     frame = frame.sort_values(["attack", "local_steps"])
     frame["attack"] = frame.attack.astype(str)
     plot_fedavg_leakage(frame[["local_steps", "mechanism", "attack", "recovered", "psnr"]], cfg.figure)
@@ -94,9 +96,15 @@ def leakage_vs_steps(out: Path, cfg: BenchConfig) -> list[list]:
 
 
 def femnist_setting(out: Path, cfg: BenchConfig) -> list[list]:
-    """Table 2: 10 epochs x 10 batches x 5 images, no defense, ig-multi (table 1 has dlf and ig-weight)."""
-    runs = attack(out, cfg, 100, ["ig-multi"], ["none"])
-    return [[r["attack"], r["num_images"], r["psnr"], r["recovered"], r["label_accuracy"], r["seconds"]] for r in runs]
+    """Table 2: 10 epochs x 10 batches x 5 images, no defense, every attack of --attacks on every --models."""
+    from dataclasses import replace
+
+    runs = [r for m in cfg.models for a in cfg.attacks for r in attack(out, replace(cfg, model=m), 100, [a], ["none"])]
+    return [
+        [r["model"], r["attack"], r["num_images"], r["psnr"], r["recovered"], r["exact_readouts"], r["label_accuracy"],
+         r["seconds"]]
+        for r in runs
+    ]  # fmt: skip
 
 
 def dmgan(out: Path, cfg: BenchConfig) -> list[list]:
@@ -147,7 +155,7 @@ TABLES = {
     2: (
         "Dimitrov et al.'s setting: 10 epochs x 10 batches x 5 digits, no defense",
         femnist_setting,
-        ["attack", "images", "PSNR (dB)", "recovered (≥ 25 dB)", "label acc.", "seconds"],
+        ["victim", "attack", "images", "PSNR (dB)", "recovered (≥ 25 dB)", "certified", "label acc.", "seconds"],
     ),
     3: (
         "DMGAN: a malicious client's generator for a class it lacks",

@@ -201,7 +201,7 @@ class AttackConfig:
     whole default grid for the demonstration victim"""
     attacks: Annotated[list[str], tyro.conf.arg(aliases=("--attack",))] = field(default_factory=lambda: ["auto"])
     """auto, or any of fc-readout fc-peel cpa ig idlg dlg dlg-adam ig-naive dlg-naive giavmp rtf ggl grnn, and on a
-    FedAvg update (--local-epochs/--local-batches) ig-weight ig-multi dlf. auto runs every honest attack that
+    FedAvg update (--local-epochs/--local-batches) ig-weight ig-multi dlf fc-peel. auto runs every honest attack that
     applies to the victim (fc-readout, ig, and idlg on smooth networks; for batch sizes above 1 also fc-peel,
     and cpa on fully connected victims; fc-readout alone on a frozen backbone's head), each in its own run, and
     keeps per batch the one whose reconstruction best explains the shared update. prior-aware (alone) watches
@@ -328,12 +328,13 @@ class AttackConfig:
         if self.local_epochs * self.local_batches > 1:
             from attacks.federated import ATTACKS as FEDAVG_ATTACKS
 
-            wrong = [a for a in self.attacks if a not in FEDAVG_ATTACKS]
+            # fc-peel reads a weight update too (attacks/multistep.py)
+            wrong = [a for a in self.attacks if a not in FEDAVG_ATTACKS and a != "fc-peel"]
             if wrong:
                 raise UsageError(
                     f"--local-epochs {self.local_epochs} --local-batches {self.local_batches} make the client share a "
                     f"FedAvg weight update, which {' '.join(wrong)} cannot read; use --attacks "
-                    f"{' '.join(FEDAVG_ATTACKS)} (or drop the local options for one gradient step)."
+                    f"{' '.join(FEDAVG_ATTACKS)} fc-peel (or drop the local options for one gradient step)."
                 )
         if self.iterations is not None and self.iterations < 1:
             raise UsageError(f"--iterations {self.iterations} must be at least 1.")

@@ -1,0 +1,201 @@
+"""fc-peel on a FedAvg weight update: the first fully connected layer read after many local steps.
+
+That layer's input is the raw data, which local training does not change, so however many steps the client
+took, each neuron's row of the shared update is [dW_i | db_i] = sum_n c_ni (x_n, 1), with c_ni sample n's
+gradients on neuron i summed over the steps it was processed in (0 where it never fired i). A neuron that one
+sample alone fired reads it exactly (x = dW_i / db_i), and subtracting known samples turns shared neurons into
+lone ones, as in one gradient (attacks/readout.py). What no longer holds is everything that models c_ni as the
+gradient of (x, y) at the sent weights: the single-sample check, the peeling coefficients, the labels.
+
+Here neither needs the model's gradient. The update M (neurons x (d + 1)) has rank n (n <= d + 1 samples), and
+sample k's column c_k is, among the columns M g of the rank-one shares that M splits off together with the
+known samples (X g = e_k for the known rows X, g in M's row space), the one that vanishes on the neurons k never
+fired. Those are found from the protocol alone: a neuron whose pre-activation for x stays below -margin times
+how far the local steps could move it (lr * |row of M| * |x|) at both the sent and the returned weights.
+Over those neurons the column is a least-squares solve; a candidate is certified when that solve is exact
+(float rounding), unique, and the column is nonzero on the neurons x clearly fires, and when it fires no
+neuron the update never touched. Peeling then subtracts c_k (x_k, 1) exactly, so the next round's lone
+neurons are exact again. A mixture of samples has no such column: the samples it mixes fire neurons it does
+not (tests/test_multistep.py; digits, fcnn, 10 epochs of 10 batches of 5: every certificate exact).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from attacks.readout import (
+    SIGNAL_FLOOR,
+    Readout,
+    _distinct,
+    firing_silent,
+    readout_gradients,
+    readout_layer,
+    reads_pixels,
+)
+from defenses import SharedUpdate, trainable_parameters
+
+RANK_TOLERANCE = 1e-6  # singular values of the update below this share of the largest are rounding (a 100-step
+# float32 update of 50 digits: 50 above 2e-4, the 51st at 3e-8)
+MARGINS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+)  # a neuron is surely silent (or firing) for x when its pre-activation stays beyond this
+# many times lr * |row| * |x| at the sent and the returned weights (the steps' net move): no contribution of 50
+# digits over 100 steps lies beyond 0.25 (fcnn), but with 2 images a batch the partial sums overshoot it past 0.5;
+# a margin too narrow leaves the fit inexact (no certificate), one too wide too few neurons to pin the column
+EXACT_COLUMN = 1e-6  # relative residual of a column's fit on the silent neurons: a sample's ~1e-9, a mixture's O(1)
+UNIQUE_COLUMN = 1e-6  # ... and the fit's smallest singular value relative to the update's largest (a sample that
+# another unread one cannot stand in for)
+TWIN_TOLERANCE = 1e-5  # two readouts of one sample agree to float32 rounding (~1e-7 on digits)
+SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
+SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
+
+
+class WeightUpdate:
+    """The readout layer's rows of a FedAvg update, its row space and the sent weights, with the peeling state."""
+
+    def __init__(self, model: nn.Module, update: SharedUpdate):
+        grad_w, grad_b = readout_gradients(model, update)
+        layer = readout_layer(model)
+        self.rows = torch.cat([grad_w, grad_b[:, None]], 1).double()
+        self.sent = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1).double()
+        self.returned = self.sent - update.lr * self.rows
+        self.drift = update.lr * self.rows.norm(dim=1)  # how far the steps moved each neuron's weights
+        norms = self.rows.abs().amax(1)
+        self.live = norms > SIGNAL_FLOOR * norms.max().clamp_min(1e-300)
+        singular = torch.linalg.svdvals(self.rows)
+        self.rank = int((singular > RANK_TOLERANCE * singular[0]).sum())
+        self.top = float(singular[0])
+        self.basis = torch.linalg.svd(self.rows, full_matrices=False).Vh[: self.rank]  # the row space
+        self.known: list[torch.Tensor] = []  # (x, 1) of the certified samples
+        self.columns: list[torch.Tensor] = []  # their columns c_k
+
+    def residual(self) -> torch.Tensor:
+        if not self.known:
+            return self.rows
+        return self.rows - torch.stack(self.columns).T @ torch.stack(self.known)
+
+    def column(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The column of the candidate x ((x, 1), float64) given the known samples, or None where it is not
+        certified as one sample at any of the MARGINS (the narrowest first: most silent neurons)."""
+        return next((c for margin in MARGINS if (c := self.column_at(x, margin)) is not None), None)
+
+    def fits(self, x: torch.Tensor, c: torch.Tensor) -> bool:
+        """Whether the column has no zero where x fires at both the sent and the returned weights: a mixture's
+        column is that of one sample it mixes (the one silent where the mixture is), zero where only the others
+        fire; a sample firing a neuron from the first step to the last has a gradient on it."""
+        both = self.live & (self.sent @ x > 0) & (self.returned @ x > 0)
+        return not bool((both & (c.abs() <= SUPPORT_FLOOR * c.abs().max())).any())
+
+    def column_at(self, x: torch.Tensor, margin: float) -> torch.Tensor | None:
+        scale = self.drift * x.norm()
+        z0, z1 = self.sent @ x, self.returned @ x
+        silent = self.live & (z0 < -margin * scale) & (z1 < -margin * scale)
+        firing = self.live & (z0 > margin * scale) & (z1 > margin * scale)
+        rows = torch.stack([*self.known, x]) @ self.basis.T  # the samples in row-space coordinates
+        if int(silent.sum()) < self.rank - len(rows) + 1:
+            return None
+        dual = torch.linalg.lstsq(rows, torch.eye(len(rows), dtype=rows.dtype)[:, -1:]).solution[:, 0]
+        _, s, vh = torch.linalg.svd(rows, full_matrices=True)
+        free = vh[len(rows) :].T  # directions that leave every known sample's share alone
+        if (x - self.basis.T @ (self.basis @ x)).norm() > RANK_TOLERANCE * x.norm() * 10:
+            return None  # not in the update's row space: no sample (noise, or a defense's distortion)
+        on_silent = self.rows[silent] @ self.basis.T
+        if free.shape[1]:
+            system = on_silent @ free
+            if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.top:
+                return None
+            beta = torch.linalg.lstsq(system, -(on_silent @ dual)[:, None]).solution[:, 0]
+            dual = dual + free @ beta
+        c = self.rows @ (self.basis.T @ dual)
+        if c[silent].norm() > EXACT_COLUMN * c.norm():
+            return None
+        if firing.any() and c[firing].abs().min() < SUPPORT_FLOOR * c.abs().max():
+            return None
+        return c
+
+
+def returned_labels(
+    model: nn.Module, update: SharedUpdate, inputs: torch.Tensor, input_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The labels of read inputs (pixels) as the model the client returned predicts them: it trained on them for
+    the update's local epochs, so it fits them (the sent model, at initialisation, would guess)."""
+    returned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in zip(trainable_parameters(returned), update.gradients, strict=True):
+            p -= update.lr * g.to(p.device) / update.num_clients
+        if not len(inputs) or not reads_pixels(model, input_shape):
+            return torch.zeros(len(inputs), dtype=torch.long)
+        return returned(inputs.view(-1, *input_shape).to(next(model.parameters()).device)).argmax(1).cpu()
+
+
+def readouts(state: WeightUpdate) -> torch.Tensor:
+    """(x, 1) of every live neuron of what peeling left, the largest bias entries (best conditioned) first."""
+    residual = state.residual()
+    carry = residual[:, -1].abs()
+    rows = (state.live & (carry > SIGNAL_FLOOR * carry.max().clamp_min(1e-300))).nonzero().squeeze(1)
+    rows = rows[carry[rows].argsort(descending=True)]
+    return residual[rows] / residual[rows, -1:]
+
+
+def twice_read(x: torch.Tensor) -> torch.Tensor:
+    """The readouts (x, 1) that at least one other neuron reads too, to TWIN_TOLERANCE: a neuron that several
+    samples fired reads a mixture weighted by their gradients on it, and two neurons weigh them alike only by
+    chance, while a sample's lone neurons all read it exactly."""
+    if len(x) < 2:
+        return x[:0]
+    near = torch.cdist(x[:, :-1], x[:, :-1], p=float("inf")) <= TWIN_TOLERANCE * x[:, :-1].abs().amax(1, keepdim=True)
+    return x[near.sum(1) >= 2]
+
+
+def read_weight_update(
+    model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> Readout:
+    """Peeling of the readout layer's rows of a multi-step update: the samples read on two neurons alike and
+    certified by their column, peeled round after round; then the readouts of what is left, unchecked: those
+    read on two neurons alike first, then the others by their bias entry (single reads and mixtures)."""
+    state = WeightUpdate(model, update)
+    silent = ~state.live
+    certified: list[bool] = []
+    while len(state.known) < state.rank:
+        x = readouts(state)
+        twins = twice_read(x)
+        x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
+        x = x[~firing_silent(model, x[:, :-1], silent)]
+        twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= TWIN_TOLERANCE).any(1)
+        new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
+        if not new:  # no sample read twice: peel the best-conditioned single read whose column fits its firing
+            singles = x[~twin][:SINGLE_TRIES]
+            new = next(
+                ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
+            )
+        if not new:
+            break
+        for xi, c, sure in new[: state.rank - len(state.known)]:
+            state.known.append(xi)
+            state.columns.append(c)
+            certified.append(sure)
+    rest = readouts(state)  # unchecked: those read on two neurons alike first, then by their bias entry
+    twins = twice_read(rest)
+    rest = torch.cat([twins, rest])
+    rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
+    rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]
+    sure = torch.tensor(certified, dtype=torch.bool)
+    known = torch.stack(state.known)[:, :-1] if state.known else rest.new_zeros(0, rest.shape[1])
+    known = torch.cat([known[sure], known[~sure]]) if len(known) else known
+    inputs = torch.cat([known, rest]).float()
+    return Readout(
+        inputs=inputs,
+        labels=returned_labels(model, update, inputs, input_shape),
+        exact=int(sure.sum()),
+        collisions=len(inputs) - int(sure.sum()),
+        unexplained=float(state.residual().norm() / state.rows.norm().clamp_min(1e-300)),
+        labelled=reads_pixels(model, input_shape),
+    )
