@@ -290,24 +290,26 @@ def local_training(
 ) -> Grads:
     """The client's local work: `epochs` passes of plain SGD (learning rate setup.lr) over its samples,
     reshuffled every epoch (the order stays private), in batches of `batch_size` (the last one smaller if
-    it does not divide), each step's gradient computed by `step`. Returns the sum of the step gradients,
-    (sent weights - returned weights) / lr; one step (the default) is exactly that step's gradient and
-    leaves the model untouched. Trains a copy: the sent model stays as it was."""
+    it does not divide), each step's gradient computed by `step`. Returns (sent weights - returned weights) /
+    lr computed from the weights themselves, as the server of a FedAvg round computes it from the float32
+    weights it receives: the sum of the step gradients up to the rounding of every step's weights, which an
+    attack must live with (a separately accumulated sum would hand it precision no server has). One step (the
+    default) is exactly that step's gradient and leaves the model untouched. Trains a copy: the sent model
+    stays as it was."""
     batch_size = batch_size or len(images)
     if epochs == 1 and batch_size >= len(images):
         return step(model, images, labels, setup, generator)
     local = copy.deepcopy(model)
     params = trainable_parameters(local)
-    total = [torch.zeros_like(p) for p in params]
+    sent = [p.detach().clone() for p in params]
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator).to(images.device)
         for batch in order.split(batch_size):
             grads = step(local, images[batch], labels[batch], setup, generator)
             with torch.no_grad():
-                for p, g, t in zip(params, grads, total, strict=True):
+                for p, g in zip(params, grads, strict=True):
                     p -= setup.lr * g
-                    t += g
-    return tuple(total)
+    return tuple((s - p.detach()) / setup.lr for s, p in zip(sent, params, strict=True))
 
 
 def client_update(

