@@ -28,9 +28,9 @@ PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 # What `auto` tries, in this order; the first that handles the model. Measured (bench/dp_engine_bench.py, medians of
 # interleaved repetitions): on a ResNet-18 fine-tuned end to end ghost clipping is the fastest (9.3x plain against
-# 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn hooks is
-# faster (2.6x against 3.3x for ghost, 0.05 s an epoch) but needs twice ghost's memory. Ghost first: it wins where
-# DP-SGD's cost matters; `--grad-sample-mode hooks` takes the small models' fastest.
+# 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn the two
+# are close (quiet machine: ghost 2.86x, hooks 3.01x plain's time; under load hooks led) and hooks needs twice
+# ghost's memory. Ghost first: it wins where DP-SGD's cost matters.
 ENGINE_PREFERENCE = ("ghost", "hooks", "ew", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
