@@ -2,6 +2,7 @@
 one or two processes (torchrun).
 
     uv run python bench/dp_engine_bench.py [--tables 1 2 3] [--repeats 3] [--resnet resnet18 --resnet-size 32]
+    uv run python bench/dp_engine_bench.py --tables 3 --dist-epochs 5 --dist-args="--dataset digits --batch-size 128"
 
 1. the cnn on faces (the study's batch size 32), plain vs DP-SGD under each engine (hooks, functorch, ew, ghost);
 2. a ResNet fine-tuned end to end (random weights, BatchNorm -> GroupNorm through Opacus' ModuleValidator, the
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,6 +55,7 @@ class BenchConfig:
     resnet_size: int = 32  # the side its inputs are resized to
     resnet_epochs: int = 1  # its epochs per setting (expanded weights take minutes per epoch on a CPU)
     dist_epochs: int = 20  # epochs per setting of table 3
+    dist_args: str = ""  # more train.py options for table 3, e.g. --dist-args="--dataset digits --batch-size 128"
     threads: int = 1  # torch CPU threads per process (the study's default)
     device: str = "auto"
     one: str | None = None  # internal: measure one setting, MODEL:MODE, in this process and print it as JSON
@@ -170,7 +173,7 @@ def process_rows(work: Path, bench: BenchConfig) -> list[list]:
                 args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         "train.py", "--models", "cnn", "--privacy", privacy, "--epsilons", "8", "--accountant", "rdp", "--epochs",
                         str(bench.dist_epochs), "--threads", str(threads), "--device", bench.device,
-                        "--out", str(out)]  # fmt: skip
+                        "--out", str(out), *shlex.split(bench.dist_args)]  # fmt: skip
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                 subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True)
                 (metrics,) = (utils.read_json(p) for p in out.glob("*/metrics.json"))
