@@ -27,6 +27,7 @@ import torch.nn as nn
 from sklearn.exceptions import ConvergenceWarning
 
 from attacks import Attack, Observer, Reconstruction, num_reconstructed
+from attacks.federated import as_gradient
 from attacks.inversion import INVERSION_SETTINGS, readout_reconstruction
 from attacks.labels import recover_labels
 from attacks.readout import (
@@ -130,8 +131,6 @@ def readout_attack(read: Callable[..., Readout]) -> Callable[..., Reconstruction
         cfg: AttackConfig,
         observe: Observer,
     ) -> Reconstruction:
-        from attacks.federated import as_gradient
-
         model, update = on_cpu(model, update)
         readout = read(model, update, input_shape, num_classes, cfg.seed)
         return readout_reconstruction(model, readout, as_gradient(update), input_shape, cfg, observe)
