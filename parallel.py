@@ -23,6 +23,7 @@ from tqdm import tqdm
 import utils
 
 Task = TypeVar("Task")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,20 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def from_main(value: T) -> T:
+    """The main process's `value` on every process of the job (`value` itself in one process). What only the
+    main process can know, such as which runs its output directory holds finished, is decided there: on
+    machines that share no file system another node's copy of the directory differs, and a process that
+    trained a run the others skip would wait for them for ever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_over_processes(values: list[float]) -> list[float]:

@@ -327,12 +327,9 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
         raise utils.UsageError(f"dataset '{cfg.dataset}' has no test split (it is meant for attacks); train on faces.")
     cfg.validate_data(len(data.y_train))
     runs = study_runs(cfg, data.name, len(data.y_train))
-    for run in runs:  # every check before any training
-        run_dir = cfg.out / run.name
-        if utils.run_is_done(run_dir) and not cfg.force:
-            utils.check_finished_run(
-                run_dir, run_config(cfg, run), NOT_RESULT_FIELDS, utils.config_defaults(config.TrainConfig)
-            )
+    done = parallel.from_main(finished_runs(cfg, runs) if group.main else None)
+    if isinstance(done, utils.UsageError):  # raised by every process of a job, so that none waits for the others
+        raise done
     utils.seed_everything(cfg.seed)
     templates = {name: study_template(cfg, name, data) for name in cfg.models}
     engines = {
@@ -342,7 +339,7 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
         for name in {run.model for run in runs if run.privacy == "dp-sgd"}
     }
     runs = [dataclasses.replace(run, grad_sample_mode=engines.get(run.model, "hooks")) for run in runs]
-    pending = [run for run in runs if cfg.force or not utils.run_is_done(cfg.out / run.name)]
+    pending = [run for run in runs if cfg.force or run.name not in done]
     for run in runs:
         if run not in pending and group.main:
             print(f"{run.name}: finished already, skipped (--force redoes it)")
@@ -381,6 +378,24 @@ def run_grid(cfg: config.TrainConfig, group: ProcessGroup, device: torch.device)
             f"{len(failed)} run(s) failed, their training loss diverged: {', '.join(failed)} (each directory holds "
             "failed.json). Lower --lr (or, under DP-SGD, --max-grad-norm) and run the same command again."
         )
+
+
+def finished_runs(cfg: config.TrainConfig, runs: list[Run]) -> set[str] | utils.UsageError:
+    """The runs the output directory holds finished, each made with this study's settings, or the error that
+    stops the study where one was not. The main process decides (it alone writes, and another node of a job
+    across machines may have no copy of the directory); the error is returned, for every process to raise."""
+    try:
+        for run in runs:
+            if utils.run_is_done(cfg.out / run.name) and not cfg.force:
+                utils.check_finished_run(
+                    cfg.out / run.name,
+                    run_config(cfg, run),
+                    NOT_RESULT_FIELDS,
+                    utils.config_defaults(config.TrainConfig),
+                )
+    except utils.UsageError as err:
+        return err
+    return {run.name for run in runs if utils.run_is_done(cfg.out / run.name)}
 
 
 def train_run(shared: tuple, run: Run) -> bool:
