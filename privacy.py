@@ -19,13 +19,15 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
+from bookkeeping import BookKeepingPrivacyEngine
 from utils import UsageError
 
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # Opacus' per-sample gradient engines (--grad-sample-mode): hooks (its classic autograd hooks), functorch (vmap
 # over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
-# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers), bk
+# (book-keeping on Opacus' ghost-mode hooks: one backward pass, the clipped sum written directly; bookkeeping.py).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bk")
 # What `auto` tries, in this order; the first that handles the model. Measured (bench/dp_engine_bench.py, medians of
 # interleaved repetitions): on a ResNet-18 fine-tuned end to end ghost clipping is the fastest (9.3x plain against
 # 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn the two
@@ -195,7 +197,7 @@ def make_private(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
         module = DPDDP(module)
-    engine = PrivacyEngine(accountant=accountant)
+    engine = (BookKeepingPrivacyEngine if grad_sample_mode == "bk" else PrivacyEngine)(accountant=accountant)
     device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
     generator = torch.Generator(device=device).manual_seed(seed)
     wrapped = engine.make_private(
@@ -207,9 +209,9 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=generator,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode,
     )
-    if grad_sample_mode == "ghost":
+    if grad_sample_mode in ("ghost", "bk"):
         module, optimizer, criterion, loader = wrapped
     else:
         (module, optimizer, loader), criterion = wrapped, nn.CrossEntropyLoss()

@@ -111,8 +111,9 @@ def test_two_gloo_processes_spend_the_same_epsilon_and_learn_as_well_as_one(tmp_
 def _linear_conv_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 3)
-    )
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3),
+    )  # fmt: skip
 
 
 def _one_private_step(mode: str) -> list[torch.Tensor]:
@@ -132,11 +133,15 @@ def _one_private_step(mode: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_ghost_clipping_takes_the_same_clipped_and_noised_step_as_hooks():
-    """Fast gradient clipping (ghost norms for the Linear layers, per-sample gradients for the conv) and the
-    classic hooks clip every sample to the same norm, draw the same noise from the same seed and take the same
-    step; the clip is far below the gradients' norms, so a wrong norm would show."""
-    hooks, ghost = _one_private_step("hooks"), _one_private_step("ghost")
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_ghost_clipping_and_book_keeping_take_the_same_clipped_and_noised_step_as_hooks(mode):
+    """Fast gradient clipping (ghost norms for the Linear layers, per-sample gradients for the rest) and
+    book-keeping (one backward pass; a per-sample gradient norm for the first conv, whose T(p_in + p_out) >
+    p_in·p_out, a Gram-matrix ghost norm for the second, per-sample gradients for the GroupNorm, the clipped sums
+    as reweighted products) clip every sample to the same norm as the classic hooks, draw the same noise from
+    the same seed and take the same step; the clip is far below the gradients' norms, so a wrong norm would
+    show."""
+    hooks, ghost = _one_private_step("hooks"), _one_private_step(mode)
     for h, g, p in zip(hooks, ghost, _linear_conv_model().parameters(), strict=True):
         assert not torch.allclose(h, p.detach())  # the step moved every parameter
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
