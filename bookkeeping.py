@@ -143,15 +143,16 @@ class GradSampleModuleBookKeeping(GradSampleModuleFastGradientClipping):
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction, batch_first):
         if not self.hooks_enabled:
             return
-        activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction, batch_first=batch_first
+        activations, backprops = self.rearrange_grad_samples(  # "sum": unscaled; the scale goes on the B norms
+            module=module, backprops=forward_output[0].detach(), loss_reduction="sum", batch_first=batch_first
         )
+        scale = module.max_batch_len if loss_reduction == "mean" else 1  # backprops of a mean are ∇_i / B
         norms, clipped = rule_for(module)(module, activations, backprops)
         for param, norm in norms.items():
-            param._norm_sample = norm
+            param._norm_sample = norm * scale
         for _, param in trainable_parameters(module):
             param._forward_counter -= 1
-        self.clippers.append(clipped)
+        self.clippers.append(lambda c: clipped(c * scale))
         del module.max_batch_len
 
     def write_clipped_gradients(self) -> None:

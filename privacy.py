@@ -33,7 +33,7 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bk")
 # 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn the two
 # are close (quiet machine: ghost 2.86x, hooks 3.01x plain's time; under load hooks led) and hooks needs twice
 # ghost's memory. Ghost first: it wins where DP-SGD's cost matters.
-ENGINE_PREFERENCE = ("ghost", "hooks", "ew", "functorch")
+ENGINE_PREFERENCE = ("bk", "ghost", "hooks", "ew", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,

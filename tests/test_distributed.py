@@ -42,7 +42,7 @@ NOISE_PROBE = """
 
     group, _ = join_process_group("cpu")
     result = {}
-    for mode in ("hooks", "ghost"):
+    for mode in ("hooks", "ghost", "bk"):
         torch.manual_seed(0)
         model = nn.Linear(50, 20)  # 1020 coordinates: the noise's spread is measured to about 2 %
         x, y = torch.randn(64, 50), torch.randint(0, 20, (64,))
@@ -160,9 +160,9 @@ class Scaled(nn.Module):
 
 def test_a_layer_an_engine_cannot_train_is_named_with_an_engine_that_can():
     model = nn.Sequential(nn.Linear(4, 3), Scaled())
-    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode ghost"):  # fmt: skip
+    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode bk"):  # fmt: skip
         choose_grad_sample_mode(model, "ew")
-    assert choose_grad_sample_mode(model, "auto") == "ghost"
+    assert choose_grad_sample_mode(model, "auto") == "bk"
     with pytest.raises(utils.UsageError, match=r"layer '1' \(BatchNorm1d\): BatchNorm cannot support.*GroupNorm"):
         choose_grad_sample_mode(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), "auto")
 
@@ -188,7 +188,7 @@ def test_a_failure_only_a_trial_step_shows_is_named_and_auto_takes_an_engine_tha
     ):
         choose_grad_sample_mode(model, "hooks", example)
     assert choose_grad_sample_mode(model, "auto", example) == "ew"
-    assert choose_grad_sample_mode(model, "auto") == "ghost"  # without an example only the static check runs
+    assert choose_grad_sample_mode(model, "auto") == "bk"  # without an example only the static check runs
 
 
 class AddInPlaceMethod(nn.Module):
@@ -215,7 +215,7 @@ def test_full_finetune_computes_in_place_residuals_out_of_place_so_every_engine_
     expected = before(x)
     model = before.unfreeze()
     torch.testing.assert_close(model(x), expected)
-    for mode in ("hooks", "functorch", "ghost", "ew"):
+    for mode in ("hooks", "functorch", "ghost", "bk", "ew"):
         assert engine_problem(model, mode, x) is None, mode
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0)
     model = FrozenBackbone(resnet, resnet.num_features, 2, image_size=32).unfreeze()
