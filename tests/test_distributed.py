@@ -147,6 +147,41 @@ def test_ghost_clipping_and_book_keeping_take_the_same_clipped_and_noised_step_a
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
 
 
+def test_book_keeping_steps_on_an_empty_poisson_batch_with_noise_alone_and_keeps_no_state():
+    """Poisson sampling can draw no sample: the step's gradient is then the noise alone (zero without noise), and
+    the next batch's step is the one a fresh model takes, nothing of the empty one left in the hooks."""
+
+    def private(model: nn.Module):
+        x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 3, (40,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        _, module, opt, criterion, _ = make_private(
+            model,
+            opt,
+            loader,
+            noise_multiplier=0.0,
+            max_grad_norm=0.05,
+            accountant="rdp",
+            seed=3,
+            grad_sample_mode="bk",
+        )
+        return module, opt, criterion, x[:10], y[:10]
+
+    def step(module, opt, criterion, x, y) -> None:
+        opt.zero_grad()
+        criterion(module(x), y).backward()
+        opt.step()
+
+    module, opt, criterion, x, y = private(_linear_conv_model())
+    step(module, opt, criterion, x[:0], y[:0])
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in module.parameters())
+    step(module, opt, criterion, x, y)
+    fresh = private(_linear_conv_model())
+    step(*fresh)
+    for p, q in zip(module.parameters(), fresh[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
 class Scaled(nn.Module):
     """A layer with a trainable weight of its own, which PyTorch's expanded weights cannot differentiate."""
 
