@@ -10,9 +10,9 @@ one im2col product, no per-sample gradient). The backward pass asks autograd for
 only, so no unclipped weight gradient is ever computed: DP-SGD's arithmetic is plain training's plus the norms.
 
 Norms: Linear layers take Opacus' ghost norm; a convolution takes the cheaper of the Gram-matrix ghost norm,
-B·T²·(p_in + p_out) for T output positions, and its per-sample gradient, B·T·p_in·p_out (mixed ghost clipping,
-Bu et al., AAAI 2023), neither kept past the hook; any other layer (GroupNorm, layers without an Opacus rule)
-its Opacus per-sample gradient, reweighted by the clipping factors.
+B·T²·(p_in + p_out) for T output positions, and the norm of its per-sample gradient, B·T·p_in·p_out (mixed ghost
+clipping, Bu, Mao and Xu, NeurIPS 2022), neither kept past the hook; any other layer (GroupNorm, layers without an
+Opacus rule) its Opacus per-sample gradient, reweighted by the clipping factors for the sum.
 
 Everything else is Opacus': the hooks (GradSampleModuleFastGradientClipping), the noise and its scale
 (DPOptimizerFastGradientClipping), Poisson sampling and the accountant's hook, so the accounting is that of
@@ -106,12 +106,12 @@ def per_sample_rule(
 
 
 def rule_for(layer: nn.Module) -> Callable[[nn.Module, list[torch.Tensor], torch.Tensor], tuple[Params, Clipped]]:
+    """The layer's rule: Linear and ordinary convolutions (one group, zero padding given in numbers) have their
+    own; the rest go through Opacus' per-sample gradients."""
     if type(layer) is nn.Linear:
         return linear_rule
-    if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros":
-        if not isinstance(layer.padding, str):
-            return conv2d_rule
-    return per_sample_rule
+    ordinary = type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
+    return conv2d_rule if ordinary and not isinstance(layer.padding, str) else per_sample_rule
 
 
 class GradSampleModuleBookKeeping(GradSampleModuleFastGradientClipping):
