@@ -64,7 +64,7 @@ def conv2d_rule(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: to
     weight gradient of the reweighted output gradients."""
     x = activations[0].to(backprops.dtype)
     n = len(x)
-    norms = {}
+    norms, samples = {}, None
     if layer.weight.requires_grad:
         cols = unfold2d(
             x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
@@ -74,8 +74,9 @@ def conv2d_rule(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: to
         if positions * (p_in + p_out) < p_in * p_out:
             gram = torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(grads.transpose(1, 2), grads)
             squared = gram.sum((1, 2)).clamp(min=0)
-        else:
-            squared = torch.bmm(grads, cols.transpose(1, 2)).pow(2).sum((1, 2))
+        else:  # kept for the sum: no larger than the columns and output gradients, B·T·(p_in + p_out)
+            samples = torch.bmm(grads, cols.transpose(1, 2)).flatten(1)  # (n, p_out·p_in)
+            squared = samples.square().sum(1)
         norms[layer.weight] = squared.sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
         norms[layer.bias] = backprops.sum((2, 3)).norm(2, dim=1)
@@ -83,7 +84,9 @@ def conv2d_rule(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: to
     def clipped(c: torch.Tensor) -> Params:
         scaled = backprops * per_sample(c, backprops)
         sums = {}
-        if layer.weight.requires_grad:
+        if samples is not None:
+            sums[layer.weight] = c @ samples
+        elif layer.weight.requires_grad:
             sums[layer.weight] = torch.nn.grad.conv2d_weight(
                 x, layer.weight.shape, scaled, layer.stride, layer.padding, layer.dilation, layer.groups
             )
