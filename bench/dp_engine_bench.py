@@ -2,6 +2,7 @@
 one or two processes (torchrun).
 
     uv run python bench/dp_engine_bench.py [--tables 1 2 3] [--repeats 3] [--resnet resnet18 --resnet-size 32]
+    uv run python bench/dp_engine_bench.py --tables 1 4 --dataset digits --batch-size 128 --epochs 2 --engines ghost bk
     uv run python bench/dp_engine_bench.py --tables 3 --dist-epochs 5 --dist-args="--dataset digits --batch-size 128"
 
 1. the cnn on faces (the study's batch size 32; --dataset, --batch-size), plain vs DP-SGD under each engine (hooks,
@@ -205,6 +206,7 @@ def step_rows(work: Path, bench: BenchConfig) -> list[list]:
     backward hooks), its clipped sums and Opacus' noise."""
     import collections
     import time
+    import warnings
 
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -214,6 +216,7 @@ def step_rows(work: Path, bench: BenchConfig) -> list[list]:
     from models import create_model
     from privacy import make_private
 
+    warnings.filterwarnings("ignore", message="Secure RNG turned off|Full backward hook is firing")  # as train.py
     torch.set_num_threads(bench.threads)
     data = load_dataset(bench.dataset)
     x, y = data.x_train[: bench.batch_size], data.y_train[: bench.batch_size]
@@ -293,6 +296,14 @@ def main() -> None:
     if bench.one:
         print(json.dumps(measure_one(bench)))
         return
+    from data_sources import DATASETS
+
+    if unknown := [e for e in bench.engines if e not in ENGINES]:
+        raise utils.UsageError(f"--engines {' '.join(unknown)} is unknown; choose from {' '.join(ENGINES)}.")
+    if bench.dataset not in DATASETS:
+        raise utils.UsageError(f"--dataset {bench.dataset} is unknown; choose from {', '.join(DATASETS)}.")
+    if bench.batch_size < 1:
+        raise utils.UsageError(f"--batch-size {bench.batch_size} must be at least 1.")
     import torch
 
     device = utils.pick_device(bench.device)
