@@ -182,6 +182,26 @@ def test_book_keeping_steps_on_an_empty_poisson_batch_with_noise_alone_and_keeps
         torch.testing.assert_close(p, q)
 
 
+class Twice(nn.Module):
+    """One Linear layer applied twice per forward pass (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.relu(self.layer(x)))
+
+
+def test_book_keeping_refuses_a_layer_used_twice_and_auto_takes_an_engine_that_handles_it():
+    """bk keeps one input and output gradient per layer and forward pass, so tied weights are named and refused
+    by the trial step; Opacus' ghost clipping refuses them too, and auto falls back to the hooks."""
+    model, example = Twice(), torch.rand(2, 4)
+    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode bk cannot train layer 'layer' \(Linear\)"):
+        choose_grad_sample_mode(model, "bk", example)
+    assert choose_grad_sample_mode(model, "auto", example) == "hooks"
+
+
 class Scaled(nn.Module):
     """A layer with a trainable weight of its own, which PyTorch's expanded weights cannot differentiate."""
 
