@@ -19,19 +19,21 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
+from bookkeeping import BookKeepingPrivacyEngine
 from utils import UsageError
 
 PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # Opacus' per-sample gradient engines (--grad-sample-mode): hooks (its classic autograd hooks), functorch (vmap
 # over torch.func.grad), ew (PyTorch's expanded weights), ghost (fast gradient clipping: per-sample norms, then a
-# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers).
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+# second backward pass of the reweighted loss; ghost norms without per-sample gradients for Linear layers), bk
+# (book-keeping on Opacus' ghost-mode hooks: one backward pass, the clipped sum written directly; bookkeeping.py).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bk")
 # What `auto` tries, in this order; the first that handles the model. Measured (bench/dp_engine_bench.py, medians of
-# interleaved repetitions): on a ResNet-18 fine-tuned end to end ghost clipping is the fastest (9.3x plain against
-# 10.8x for hooks, 16x ew, 25x functorch) and needs half the memory of the others; on the study's small cnn the two
-# are close (quiet machine: ghost 2.86x, hooks 3.01x plain's time; under load hooks led) and hooks needs twice
-# ghost's memory. Ghost first: it wins where DP-SGD's cost matters.
-ENGINE_PREFERENCE = ("ghost", "hooks", "ew", "functorch")
+# interleaved repetitions on a loaded 2-core CPU): book-keeping is the fastest and leanest on both models, by far on a
+# ResNet-18 fine-tuned end to end (2.1x plain's time and 1.5x its training memory, against ghost's 13.2x and 8.5x and
+# hooks' 12.4x and 19x), and on the study's small cnn (faces, B = 32: bk 2.5-2.95x plain's time, ghost 3.0-3.6x,
+# hooks 3.2-3.8x; digits, B = 128: bk 1.50x, ghost 2.11x, hooks 3.07x).
+ENGINE_PREFERENCE = ("bk", "ghost", "hooks", "ew", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
@@ -96,7 +98,7 @@ def unsupported_layer(module: nn.Module, mode: str) -> str | None:
     """The first layer Opacus cannot train in `mode`, named and with the reason; None when every layer works.
     Opacus' ModuleValidator rules out layers that mix samples (BatchNorm) in every mode; expanded weights (ew)
     differentiate only the layer types PyTorch implements for them, and the other engines' backward hooks
-    fail on in-place activations. hooks and ghost fall back to functorch for a layer without an Opacus
+    fail on in-place activations. hooks, ghost and bk fall back to functorch for a layer without an Opacus
     per-sample rule, so they handle the rest."""
     for name, layer in module.named_modules():
         validator = ModuleValidator.VALIDATORS.get(type(layer))
@@ -186,7 +188,8 @@ def make_private(
     """Wrap an ordinary loop for DP-SGD: per-sample clipping at max_grad_norm, Poisson sampling, and the noise
     multiplier that noise_multiplier_for found for the target ε over the planned steps (what Opacus'
     make_private_with_epsilon does, with the search done once, before any run trains). Returns the criterion
-    too: ghost clipping's loss runs both of its backward passes in `loss.backward()`.
+    too: ghost clipping's loss runs both of its backward passes in `loss.backward()`, book-keeping's its one pass and
+    the clipped sums.
 
     In a torch.distributed process group (torchrun) the module is wrapped in Opacus' DPDDP, which Opacus
     recognises: each process samples its share of the data at the same Poisson rate, clips its own samples,
@@ -195,7 +198,7 @@ def make_private(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
         module = DPDDP(module)
-    engine = PrivacyEngine(accountant=accountant)
+    engine = (BookKeepingPrivacyEngine if grad_sample_mode == "bk" else PrivacyEngine)(accountant=accountant)
     device = next(module.parameters()).device  # Opacus draws the noise where the gradients are
     generator = torch.Generator(device=device).manual_seed(seed)
     wrapped = engine.make_private(
@@ -207,9 +210,9 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=generator,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode,
     )
-    if grad_sample_mode == "ghost":
+    if grad_sample_mode in ("ghost", "bk"):
         module, optimizer, criterion, loader = wrapped
     else:
         (module, optimizer, loader), criterion = wrapped, nn.CrossEntropyLoss()

@@ -2,19 +2,22 @@
 one or two processes (torchrun).
 
     uv run python bench/dp_engine_bench.py [--tables 1 2 3] [--repeats 3] [--resnet resnet18 --resnet-size 32]
+    uv run python bench/dp_engine_bench.py --tables 1 4 --dataset digits --batch-size 128 --epochs 2 --engines ghost bk
     uv run python bench/dp_engine_bench.py --tables 3 --dist-epochs 5 --dist-args="--dataset digits --batch-size 128"
 
-1. the cnn on faces (the study's batch size 32), plain vs DP-SGD under each engine (hooks, functorch, ew, ghost);
+1. the cnn on faces (the study's batch size 32; --dataset, --batch-size), plain vs DP-SGD under each engine (hooks,
+   functorch, ew, ghost, and bk: book-keeping on Opacus' ghost-mode hooks, bookkeeping.py);
 2. a ResNet fine-tuned end to end (random weights, BatchNorm -> GroupNorm through Opacus' ModuleValidator, the
    images resized to --resnet-size), the same settings;
 3. the cnn, plain and under DP-SGD (the engine `auto` takes), trained by 1 process with 1 and with 2 torch
-   threads and by 2 processes with 1 thread each (`torchrun --nproc_per_node N train.py`, gloo on CPU).
+   threads and by 2 processes with 1 thread each (`torchrun --nproc_per_node N train.py`, gloo on CPU);
+4. where one step's CPU time goes, plain against bk (table 1's data and batch size).
 
 Every setting runs in a fresh process through training.fit or train.py, the study's own code: samples/s over the
 training seconds (evaluation excluded). The settings of a table run in turn, --repeats times over (interleaved,
 so a neighbour's load falls on all of them alike); a table shows the median samples/s and the median of the
 repetitions' ratios to plain training (tables 1-2) or to one single-threaded process (table 3). Peak memory
-(tables 1-2) is the training's rise over the process at rest before it, measured after a warm-up epoch (64 samples) of
+(tables 1-2) is the training's rise over the process at rest before it, measured after a warm-up epoch (two batches, at least 64 samples) of
 the same setting in the same process (so lazy imports, oneDNN's caches and the accountant's scipy are not
 counted as training memory): the peak resident set on CPU, reset through /proc/self/clear_refs, CUDA's peak
 allocation on a GPU; beside it the whole process's peak.
@@ -43,12 +46,15 @@ sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402
 
-ENGINES = ["hooks", "functorch", "ew", "ghost"]
+ENGINES = ["hooks", "functorch", "ew", "ghost", "bk"]
 
 
 @dataclass
 class BenchConfig:
-    tables: list[int] = field(default_factory=lambda: [1, 2, 3])
+    tables: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))  # the DP engines of tables 1-2
+    dataset: str = "faces"  # table 1's data (the study's default; digits has 1347 training images)
+    batch_size: int = 32  # table 1's batch size (the study's default)
     epochs: int = 4  # training epochs per setting (150 faces each)
     repeats: int = 3  # interleaved repetitions of every setting; the tables show medians
     resnet: str = "resnet18"  # timm architecture fine-tuned in table 2 (random weights; resnet50 works, slowly)
@@ -58,6 +64,7 @@ class BenchConfig:
     dist_args: str = ""  # more train.py options for table 3, e.g. --dist-args="--dataset digits --batch-size 128"
     threads: int = 1  # torch CPU threads per process (the study's default)
     device: str = "auto"
+    step_count: int = 200  # steps timed per column of table 4 (after as many of warm-up)
     one: str | None = None  # internal: measure one setting, MODEL:MODE, in this process and print it as JSON
 
 
@@ -78,9 +85,10 @@ def measure_one(bench: BenchConfig) -> dict:
     model_name, mode = bench.one.split(":")
     torch.set_num_threads(bench.threads)
     epochs = bench.epochs if model_name == "cnn" else bench.resnet_epochs
-    cfg = TrainConfig(epochs=epochs, device=bench.device, threads=bench.threads)
+    batch = bench.batch_size if model_name == "cnn" else 32
+    cfg = TrainConfig(epochs=epochs, device=bench.device, threads=bench.threads, batch_size=batch)
     device = utils.pick_device(bench.device)
-    data = load_dataset("faces")
+    data = load_dataset(bench.dataset if model_name == "cnn" else "faces")
     utils.seed_everything(0)
     if model_name == "cnn":
         model = create_model("cnn", data.input_shape, data.num_classes)
@@ -92,13 +100,18 @@ def measure_one(bench: BenchConfig) -> dict:
     privacy = "none" if mode == "plain" else "dp-sgd"
     z = noise_multiplier_for(8.0, cfg.delta, *poisson_schedule(len(data.y_train), cfg.batch_size, cfg.epochs))
     run = training.Run(bench.one, model_name, privacy, 8.0, z, mode if privacy == "dp-sgd" else "hooks")
-    with tempfile.TemporaryDirectory() as tmp:  # warm-up: one epoch of the same setting on a copy, 64 samples
-        warm = TrainConfig(epochs=1, device=bench.device, threads=bench.threads)
-        few = dataclasses.replace(
-            data, x_train=data.x_train[:64], y_train=data.y_train[:64], x_test=data.x_test[:64], y_test=data.y_test[:64]
+    few = max(64, 2 * batch)
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: one epoch of the same setting on a copy, 2 batches or 64
+        warm = TrainConfig(epochs=1, device=bench.device, threads=bench.threads, batch_size=batch)
+        sample = dataclasses.replace(
+            data,
+            x_train=data.x_train[:few],
+            y_train=data.y_train[:few],
+            x_test=data.x_test[:64],
+            y_test=data.y_test[:64],
         )
         training.fit(
-            warm, run, trainable_module(copy.deepcopy(model)), torch.nn.Identity(), few, device, Path(tmp) / "h"
+            warm, run, trainable_module(copy.deepcopy(model)), torch.nn.Identity(), sample, device, Path(tmp) / "h"
         )
     cuda = device.type == "cuda"
     if cuda:
@@ -119,7 +132,8 @@ def measure_one(bench: BenchConfig) -> dict:
 
 def in_fresh_process(bench: BenchConfig, setting: str) -> dict:
     args = [sys.executable, __file__, "--one", setting, "--epochs", str(bench.epochs), "--resnet", bench.resnet,
-            "--resnet-size", str(bench.resnet_size), "--resnet-epochs", str(bench.resnet_epochs), "--threads", str(bench.threads), "--device", bench.device]  # fmt: skip
+            "--resnet-size", str(bench.resnet_size), "--resnet-epochs", str(bench.resnet_epochs), "--threads", str(bench.threads), "--device", bench.device,
+            "--dataset", bench.dataset, "--batch-size", str(bench.batch_size)]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -143,7 +157,7 @@ def medians(runs: dict[Any, list[dict]], base: Any, key: str = "samples_per_seco
 
 
 def engine_rows(bench: BenchConfig, model: str) -> list[list]:
-    settings = ["plain", *ENGINES]
+    settings = ["plain", *bench.engines]
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     for _ in range(bench.repeats):
         for setting in settings:
@@ -185,6 +199,80 @@ def process_rows(work: Path, bench: BenchConfig) -> list[list]:
     return rows
 
 
+def step_rows(work: Path, bench: BenchConfig) -> list[list]:
+    """Table 4: where one step's CPU time goes, plain training against book-keeping, on the first batch of table
+    1's data (process time, so a neighbour's load counts less; --step-count steps after as many of warm-up). The
+    phases are timed by wrapping the functions that run them: bookkeeping's per-layer rules (the norms, run by the
+    backward hooks), its clipped sums and Opacus' noise."""
+    import collections
+    import time
+    import warnings
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import bookkeeping
+    from data_sources import load_dataset
+    from models import create_model
+    from privacy import make_private
+
+    warnings.filterwarnings("ignore", message="Secure RNG turned off|Full backward hook is firing")  # as train.py
+    torch.set_num_threads(bench.threads)
+    data = load_dataset(bench.dataset)
+    x, y = data.x_train[: bench.batch_size], data.y_train[: bench.batch_size]
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name: str, fn):
+        def run(*args, **kwargs):
+            start = time.process_time()
+            out = fn(*args, **kwargs)
+            spent[name] += time.process_time() - start
+            return out
+
+        return run
+
+    rule_for = bookkeeping.rule_for
+    bookkeeping.rule_for = lambda layer: timed(f"per-sample norms, {type(layer).__name__}", rule_for(layer))
+    columns = {}
+    for mode in ("plain", "bk"):
+        utils.seed_everything(0)
+        model = create_model("cnn", data.input_shape, data.num_classes)
+        optimizer, criterion = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), torch.nn.CrossEntropyLoss()
+        if mode == "bk":
+            loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=bench.batch_size)
+            _, model, optimizer, criterion, _ = make_private(
+                model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", seed=0,
+                grad_sample_mode="bk",
+            )  # fmt: skip
+            model.write_clipped_gradients = timed("clipped sums", model.write_clipped_gradients)
+            optimizer.add_noise = timed("noise", optimizer.add_noise)
+        for _ in range(2):  # a warm-up pass, then the counted one
+            spent.clear()
+            for _ in range(bench.step_count):
+                start = time.process_time()
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(x), y)
+                forward = time.process_time()
+                loss.backward()
+                backward = time.process_time()
+                optimizer.step()
+                spent["forward"] += forward - start
+                spent["backward"] += backward - forward
+                spent["optimizer step"] += time.process_time() - backward
+        columns[mode] = {k: v / bench.step_count * 1e3 for k, v in spent.items()}
+    bookkeeping.rule_for = rule_for
+    bk = columns["bk"]
+    inside_backward = sum(v for k, v in bk.items() if k.startswith("per-sample") or k == "clipped sums")
+    bk["backward"] -= inside_backward  # the hooks' norms and the clipped sums run within loss.backward()
+    bk["optimizer step"] -= bk["noise"]
+    labels = {"forward": "forward (with Opacus' activation hooks)", "backward": "backward pass (autograd and hooks)",
+              "optimizer step": "optimizer step (without the noise)"}  # fmt: skip
+    phases = ["forward", "backward", *sorted(k for k in bk if k.startswith("per-sample")), "clipped sums", "noise"]
+    rows = [[labels.get(k, k), columns["plain"].get(k), bk[k]] for k in [*phases, "optimizer step"]]
+    total = {mode: sum(c.values()) for mode, c in columns.items()}
+    return [*rows, ["whole step", total["plain"], total["bk"]], ["÷ plain", 1.0, total["bk"] / total["plain"]]]
+
+
 HEADER = [
     "setting",
     "samples/s",
@@ -194,10 +282,12 @@ HEADER = [
     "process peak (MiB)",
 ]
 TABLES = {
-    1: ("the cnn on faces: plain vs each Opacus engine", lambda work, bench: engine_rows(bench, "cnn"), HEADER),
+    1: ("the cnn (--dataset, --batch-size): plain vs each Opacus engine", lambda work, bench: engine_rows(bench, "cnn"), HEADER),
     2: ("a ResNet fine-tuned end to end (random weights)", lambda work, bench: engine_rows(bench, "resnet"), HEADER),
     3: ("one run, 1 vs 2 processes (torchrun)", process_rows,
         ["setting", "processes", "threads each", "samples/s", "× 1 process, 1 thread", "accuracy", "ε"]),
+    4: ("one step of the cnn (--dataset, --batch-size), CPU milliseconds by phase", step_rows,
+        ["phase", "plain", "DP-SGD, bk"]),
 }  # fmt: skip
 
 
@@ -206,6 +296,14 @@ def main() -> None:
     if bench.one:
         print(json.dumps(measure_one(bench)))
         return
+    from data_sources import DATASETS
+
+    if unknown := [e for e in bench.engines if e not in ENGINES]:
+        raise utils.UsageError(f"--engines {' '.join(unknown)} is unknown; choose from {' '.join(ENGINES)}.")
+    if bench.dataset not in DATASETS:
+        raise utils.UsageError(f"--dataset {bench.dataset} is unknown; choose from {', '.join(DATASETS)}.")
+    if bench.batch_size < 1:
+        raise utils.UsageError(f"--batch-size {bench.batch_size} must be at least 1.")
     import torch
 
     device = utils.pick_device(bench.device)

@@ -61,7 +61,8 @@ class TrainConfig:
     its BatchNorms replaced by GroupNorms through Opacus' ModuleValidator.fix, as DP-SGD needs)"""
     grad_sample_mode: str = "auto"
     """Opacus' per-sample gradient engine for DP-SGD: hooks, functorch, ew (expanded weights), ghost (fast
-    gradient clipping), or auto: the fastest that handles the model (bench/dp_engine_bench.py)"""
+    gradient clipping), bk (book-keeping on Opacus' ghost-mode hooks, bookkeeping.py), or auto: the fastest that
+    handles the model (bench/dp_engine_bench.py)"""
     workers: int = 1  # runs trained at once, each in its own local Ray worker (1: one after another, no Ray)
     ray_address: str | None = None  # an existing Ray cluster to run the study's runs on (e.g. auto, ray://host:10001)
     seed: int = 0  # one seed for the split, the initialisation, the batches and the noise; in the run names

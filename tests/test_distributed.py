@@ -42,7 +42,7 @@ NOISE_PROBE = """
 
     group, _ = join_process_group("cpu")
     result = {}
-    for mode in ("hooks", "ghost"):
+    for mode in ("hooks", "ghost", "bk"):
         torch.manual_seed(0)
         model = nn.Linear(50, 20)  # 1020 coordinates: the noise's spread is measured to about 2 %
         x, y = torch.randn(64, 50), torch.randint(0, 20, (64,))
@@ -111,8 +111,9 @@ def test_two_gloo_processes_spend_the_same_epsilon_and_learn_as_well_as_one(tmp_
 def _linear_conv_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 3)
-    )
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3),
+    )  # fmt: skip
 
 
 def _one_private_step(mode: str) -> list[torch.Tensor]:
@@ -132,14 +133,73 @@ def _one_private_step(mode: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_ghost_clipping_takes_the_same_clipped_and_noised_step_as_hooks():
-    """Fast gradient clipping (ghost norms for the Linear layers, per-sample gradients for the conv) and the
-    classic hooks clip every sample to the same norm, draw the same noise from the same seed and take the same
-    step; the clip is far below the gradients' norms, so a wrong norm would show."""
-    hooks, ghost = _one_private_step("hooks"), _one_private_step("ghost")
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_ghost_clipping_and_book_keeping_take_the_same_clipped_and_noised_step_as_hooks(mode):
+    """Fast gradient clipping (ghost norms for the Linear layers, per-sample gradients for the rest) and
+    book-keeping (one backward pass; a per-sample gradient norm for the first conv, whose T(p_in + p_out) >
+    p_in·p_out, a Gram-matrix ghost norm for the second, per-sample gradients for the GroupNorm, the clipped sums
+    as reweighted products) clip every sample to the same norm as the classic hooks, draw the same noise from
+    the same seed and take the same step; the clip is far below the gradients' norms, so a wrong norm would
+    show."""
+    hooks, ghost = _one_private_step("hooks"), _one_private_step(mode)
     for h, g, p in zip(hooks, ghost, _linear_conv_model().parameters(), strict=True):
         assert not torch.allclose(h, p.detach())  # the step moved every parameter
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
+
+
+def test_book_keeping_steps_on_an_empty_poisson_batch_with_noise_alone_and_keeps_no_state():
+    """Poisson sampling can draw no sample: the step's gradient is then the noise alone (zero without noise), and
+    the next batch's step is the one a fresh model takes, nothing of the empty one left in the hooks."""
+
+    def private(model: nn.Module):
+        x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 3, (40,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        _, module, opt, criterion, _ = make_private(
+            model,
+            opt,
+            loader,
+            noise_multiplier=0.0,
+            max_grad_norm=0.05,
+            accountant="rdp",
+            seed=3,
+            grad_sample_mode="bk",
+        )
+        return module, opt, criterion, x[:10], y[:10]
+
+    def step(module, opt, criterion, x, y) -> None:
+        opt.zero_grad()
+        criterion(module(x), y).backward()
+        opt.step()
+
+    module, opt, criterion, x, y = private(_linear_conv_model())
+    step(module, opt, criterion, x[:0], y[:0])
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in module.parameters())
+    step(module, opt, criterion, x, y)
+    fresh = private(_linear_conv_model())
+    step(*fresh)
+    for p, q in zip(module.parameters(), fresh[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+class Twice(nn.Module):
+    """One Linear layer applied twice per forward pass (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.relu(self.layer(x)))
+
+
+def test_book_keeping_refuses_a_layer_used_twice_and_auto_takes_an_engine_that_handles_it():
+    """bk keeps one input and output gradient per layer and forward pass, so tied weights are named and refused
+    by the trial step; Opacus' ghost clipping refuses them too, and auto falls back to the hooks."""
+    model, example = Twice(), torch.rand(2, 4)
+    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode bk cannot train layer 'layer' \(Linear\)"):
+        choose_grad_sample_mode(model, "bk", example)
+    assert choose_grad_sample_mode(model, "auto", example) == "hooks"
 
 
 class Scaled(nn.Module):
@@ -155,9 +215,9 @@ class Scaled(nn.Module):
 
 def test_a_layer_an_engine_cannot_train_is_named_with_an_engine_that_can():
     model = nn.Sequential(nn.Linear(4, 3), Scaled())
-    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode ghost"):  # fmt: skip
+    with pytest.raises(utils.UsageError, match=r"--grad-sample-mode ew cannot train layer '1' \(Scaled\).*Use --grad-sample-mode bk"):  # fmt: skip
         choose_grad_sample_mode(model, "ew")
-    assert choose_grad_sample_mode(model, "auto") == "ghost"
+    assert choose_grad_sample_mode(model, "auto") == "bk"
     with pytest.raises(utils.UsageError, match=r"layer '1' \(BatchNorm1d\): BatchNorm cannot support.*GroupNorm"):
         choose_grad_sample_mode(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), "auto")
 
@@ -183,7 +243,7 @@ def test_a_failure_only_a_trial_step_shows_is_named_and_auto_takes_an_engine_tha
     ):
         choose_grad_sample_mode(model, "hooks", example)
     assert choose_grad_sample_mode(model, "auto", example) == "ew"
-    assert choose_grad_sample_mode(model, "auto") == "ghost"  # without an example only the static check runs
+    assert choose_grad_sample_mode(model, "auto") == "bk"  # without an example only the static check runs
 
 
 class AddInPlaceMethod(nn.Module):
@@ -210,7 +270,7 @@ def test_full_finetune_computes_in_place_residuals_out_of_place_so_every_engine_
     expected = before(x)
     model = before.unfreeze()
     torch.testing.assert_close(model(x), expected)
-    for mode in ("hooks", "functorch", "ghost", "ew"):
+    for mode in ("hooks", "functorch", "ghost", "bk", "ew"):
         assert engine_problem(model, mode, x) is None, mode
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0)
     model = FrozenBackbone(resnet, resnet.num_features, 2, image_size=32).unfreeze()
