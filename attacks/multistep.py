@@ -56,6 +56,7 @@ EXACT_COLUMN = 30  # floors of relative residual of a column's fit on the silent
 UNIQUE_COLUMN = 30  # ... and of the fit's smallest singular value relative to the update's largest (a sample that
 # another unread one cannot stand in for)
 TWIN_TOLERANCE = 300  # floors within which two readouts of one sample agree (relative to the readout's largest pixel)
+RANKED = 128
 SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
 
@@ -98,10 +99,10 @@ class WeightUpdate:
             return self.rows
         return self.rows - torch.stack(self.columns).T @ torch.stack(self.known)
 
-    def column(self, x: torch.Tensor) -> torch.Tensor | None:
+    def column(self, x: torch.Tensor, robust: bool = False) -> torch.Tensor | None:
         """The column of the candidate x ((x, 1), float64) given the known samples, or None where it is not
         certified as one sample at any of the MARGINS (the narrowest first: most silent neurons)."""
-        return next((c for margin in MARGINS if (c := self.column_at(x, margin)) is not None), None)
+        return next((c for margin in MARGINS if (c := self.column_at(x, margin, robust)) is not None), None)
 
     def fits(self, x: torch.Tensor, c: torch.Tensor) -> bool:
         """Whether the column has no zero where x fires at both the sent and the returned weights: a mixture's
@@ -110,7 +111,7 @@ class WeightUpdate:
         both = self.live & (self.sent @ x > 0) & (self.returned @ x > 0)
         return not bool((both & (c.abs() <= SUPPORT_FLOOR * c.abs().max())).any())
 
-    def column_at(self, x: torch.Tensor, margin: float) -> torch.Tensor | None:
+    def column_at(self, x: torch.Tensor, margin: float, robust: bool = False) -> torch.Tensor | None:
         scale = self.drift * x.norm()
         z0, z1 = self.sent @ x, self.returned @ x
         silent = self.live & (z0 < -margin * scale) & (z1 < -margin * scale)
@@ -126,9 +127,15 @@ class WeightUpdate:
         on_silent = self.rows[silent] @ self.basis.T
         if free.shape[1]:
             system = on_silent @ free
-            if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.floor * self.top:
+            rhs = -(on_silent @ dual)
+            if robust:
+                keep = self.inliers(system, rhs, dual, free)
+                system, rhs = system[keep], rhs[keep]
+                silent = silent.clone()
+                silent[silent.clone()] = keep
+            if len(system) < system.shape[1] or torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.floor * self.top:
                 return None
-            beta = torch.linalg.lstsq(system, -(on_silent @ dual)[:, None]).solution[:, 0]
+            beta = torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]
             dual = dual + free @ beta
         c = self.rows @ (self.basis.T @ dual)
         if c[silent].norm() > EXACT_COLUMN * self.floor * c.norm():
@@ -136,6 +143,17 @@ class WeightUpdate:
         if firing.any() and c[firing].abs().min() < SUPPORT_FLOOR * c.abs().max():
             return None
         return c
+
+
+    def inliers(self, system, rhs, dual, free, iterations: int = 15) -> torch.Tensor:
+        weights = torch.ones(len(system), dtype=system.dtype)
+        for _ in range(iterations):
+            beta = torch.linalg.lstsq(system * weights[:, None], (rhs * weights)[:, None]).solution[:, 0]
+            r = system @ beta - rhs
+            size = (self.rows @ (self.basis.T @ (dual + free @ beta))).norm()
+            weights = 1 / r.abs().clamp_min(3 * self.floor * size).sqrt()
+        keep = r.abs() <= EXACT_COLUMN * self.floor * size
+        return keep if (~keep).sum() <= 0.03 * len(keep) else torch.ones_like(keep)
 
 
 def returned_labels(
@@ -171,6 +189,25 @@ def twice_read(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return x[near.sum(1) >= 2]
 
 
+def best_uncertified(state, x, twin):
+    order = twin.nonzero().squeeze(1)
+    for margin in MARGINS:
+        for i in order.tolist():
+            c = state.column_at(x[i], margin, robust=True)
+            if c is not None and state.fits(x[i], c):
+                return [(x[i], c, False)]
+    return []
+
+
+def pinned(state, x: torch.Tensor) -> int:
+    """The index of the narrowest margin at which x has a column that fits its firing (len(MARGINS): none)."""
+    for k, margin in enumerate(MARGINS):
+        c = state.column_at(x, margin, robust=True)
+        if c is not None and state.fits(x, c):
+            return k
+    return len(MARGINS)
+
+
 def read_weight_update(
     model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> Readout:
@@ -181,18 +218,23 @@ def read_weight_update(
     silent = ~state.live
     tolerance = TWIN_TOLERANCE * state.floor
     certified: list[bool] = []
+    robust = False
     while len(state.known) < state.rank:
         x = readouts(state)
         twins = twice_read(x, tolerance)
         x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
         x = x[~firing_silent(model, x[:, :-1], silent)]
         twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= tolerance).any(1)
-        new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
-        if not new:  # no sample read twice: peel the best-conditioned single read whose column fits its firing
+        if robust:
+            new = best_uncertified(state, x, twin)
+        else:
+            new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
+        if not new and not robust:  # no sample read twice: peel the best-conditioned single read whose column fits
             singles = x[~twin][:SINGLE_TRIES]
-            new = next(
-                ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
-            )
+            new = next(([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), [])
+        if not new and not robust:
+            robust = True
+            continue
         if not new:
             break
         for xi, c, sure in new[: state.rank - len(state.known)]:
@@ -203,7 +245,9 @@ def read_weight_update(
     twins = twice_read(rest, tolerance)
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
-    rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]
+    rest = rest[~firing_silent(model, rest[:, :-1], silent)]
+    rank = torch.tensor([pinned(state, xi) for xi in rest[:RANKED]] + [len(MARGINS)] * len(rest[RANKED:]))
+    rest = rest[torch.sort(rank, stable=True).indices][:, :-1]
     sure = torch.tensor(certified, dtype=torch.bool)
     known = torch.stack(state.known)[:, :-1] if state.known else rest.new_zeros(0, rest.shape[1])
     known = torch.cat([known[sure], known[~sure]]) if len(known) else known
