@@ -56,6 +56,9 @@ EXACT_COLUMN = 30  # floors of relative residual of a column's fit on the silent
 UNIQUE_COLUMN = 30  # ... and of the fit's smallest singular value relative to the update's largest (a sample that
 # another unread one cannot stand in for)
 TWIN_TOLERANCE = 300  # floors within which two readouts of one sample agree (relative to the readout's largest pixel)
+RANKED = 128  # unchecked readouts (by bias entry) ranked by how narrowly a column pins them; the rest follow
+OUTLIERS = 0.03  # at most this share of the surely-silent neurons may be dropped from a robust column's fit
+IRLS_STEPS = 15  # reweighted least-squares steps of the robust fit (its inliers settle within ~10)
 SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
 
@@ -110,7 +113,7 @@ class WeightUpdate:
         both = self.live & (self.sent @ x > 0) & (self.returned @ x > 0)
         return not bool((both & (c.abs() <= SUPPORT_FLOOR * c.abs().max())).any())
 
-    def column_at(self, x: torch.Tensor, margin: float) -> torch.Tensor | None:
+    def column_at(self, x: torch.Tensor, margin: float, robust: bool = False) -> torch.Tensor | None:
         scale = self.drift * x.norm()
         z0, z1 = self.sent @ x, self.returned @ x
         silent = self.live & (z0 < -margin * scale) & (z1 < -margin * scale)
@@ -126,9 +129,17 @@ class WeightUpdate:
         on_silent = self.rows[silent] @ self.basis.T
         if free.shape[1]:
             system = on_silent @ free
+            rhs = -(on_silent @ dual)
+            if robust:  # drop the few neurons x fired between the sent and the returned weights
+                keep = self.inliers(system, rhs, dual, free)
+                system, rhs = system[keep], rhs[keep]
+                silent = silent.clone()
+                silent[silent.clone()] = keep
+            if len(system) < system.shape[1]:
+                return None
             if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.floor * self.top:
                 return None
-            beta = torch.linalg.lstsq(system, -(on_silent @ dual)[:, None]).solution[:, 0]
+            beta = torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]
             dual = dual + free @ beta
         c = self.rows @ (self.basis.T @ dual)
         if c[silent].norm() > EXACT_COLUMN * self.floor * c.norm():
@@ -136,6 +147,21 @@ class WeightUpdate:
         if firing.any() and c[firing].abs().min() < SUPPORT_FLOOR * c.abs().max():
             return None
         return c
+
+    def inliers(self, system: torch.Tensor, rhs: torch.Tensor, dual: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """The surely-silent neurons on which the column's least-absolute-deviation fit (iteratively reweighted
+        least squares) vanishes to EXACT_COLUMN floors: a pre-activation below the margin at the sent and the
+        returned weights can still have crossed 0 in between, and one such neuron makes the least-squares fit of a
+        true sample inexact (digits, 10 x 10 x 5: 0-9 of ~200 neurons at margin 0.05). Where more than OUTLIERS of
+        them would go, none is dropped: a mixture needs many."""
+        weights = torch.ones(len(system), dtype=system.dtype)
+        for _ in range(IRLS_STEPS):
+            beta = torch.linalg.lstsq(system * weights[:, None], (rhs * weights)[:, None]).solution[:, 0]
+            residual = system @ beta - rhs
+            size = (self.rows @ (self.basis.T @ (dual + free @ beta))).norm()
+            weights = 1 / residual.abs().clamp_min(3 * self.floor * size).sqrt()
+        keep = residual.abs() <= EXACT_COLUMN * self.floor * size
+        return keep if (~keep).sum() <= OUTLIERS * len(keep) else torch.ones_like(keep)
 
 
 def returned_labels(
@@ -171,28 +197,59 @@ def twice_read(x: torch.Tensor, tolerance: float) -> torch.Tensor:
     return x[near.sum(1) >= 2]
 
 
+def pinned(state: WeightUpdate, x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The index of the narrowest margin at which x has a robust column that fits its firing, and that column
+    (len(MARGINS), None: none). True reads are pinned at the narrow margins, most mixtures at none or the wide
+    ones (digits, 10 x 10 x 5, ground truth)."""
+    for k, margin in enumerate(MARGINS):
+        c = state.column_at(x, margin, robust=True)
+        if c is not None and state.fits(x, c):
+            return k, c
+    return len(MARGINS), None
+
+
+def best_uncertified(state: WeightUpdate, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """The twin read pinned at the narrowest margin by a robust column, uncertified: once certification stalls
+    this peels on (singles are not tried: there the robust fit also pins mixtures of many samples)."""
+    if not len(x):
+        return []
+    ranks = [pinned(state, xi) for xi in x]
+    best = min(range(len(x)), key=lambda i: ranks[i][0])
+    return [(x[best], ranks[best][1], False)] if ranks[best][1] is not None else []
+
+
 def read_weight_update(
     model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> Readout:
     """Peeling of the readout layer's rows of a multi-step update: the samples read on two neurons alike and
-    certified by their column, peeled round after round; then the readouts of what is left, unchecked: those
-    read on two neurons alike first, then the others by their bias entry (single reads and mixtures)."""
+    certified by their column, peeled round after round; once that stalls, twin reads with a robust column
+    (inliers of the surely-silent neurons), peeled uncertified one a round; then the readouts of what is left,
+    unchecked: those read on two neurons alike first, then the others, each group ranked by the narrowest margin
+    at which a robust column pins them (a true single read is pinned at 0.05-0.1, a mixture of many at >= 0.25
+    or not at all), then by bias entry. Certified rows come first, then the uncertified peels, then the rest."""
     state = WeightUpdate(model, update)
     silent = ~state.live
     tolerance = TWIN_TOLERANCE * state.floor
     certified: list[bool] = []
+    robust = False
     while len(state.known) < state.rank:
         x = readouts(state)
         twins = twice_read(x, tolerance)
         x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
         x = x[~firing_silent(model, x[:, :-1], silent)]
         twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= tolerance).any(1)
-        new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
-        if not new:  # no sample read twice: peel the best-conditioned single read whose column fits its firing
+        if robust:  # certification stalled: the twin read that a robust column pins most narrowly, uncertified
+            new = best_uncertified(state, x[twin])
+        else:
+            new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
+        if not new and not robust:  # no sample read twice: peel the best-conditioned single read whose column fits
             singles = x[~twin][:SINGLE_TRIES]
             new = next(
                 ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
             )
+            if not new:
+                robust = True
+                continue
         if not new:
             break
         for xi, c, sure in new[: state.rank - len(state.known)]:
@@ -203,7 +260,9 @@ def read_weight_update(
     twins = twice_read(rest, tolerance)
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
-    rest = rest[~firing_silent(model, rest[:, :-1], silent)][:, :-1]
+    rest = rest[~firing_silent(model, rest[:, :-1], silent)]
+    rank = torch.tensor([pinned(state, xi)[0] for xi in rest[:RANKED]] + [len(MARGINS)] * len(rest[RANKED:]))
+    rest = rest[torch.sort(rank, stable=True).indices][:, :-1]
     sure = torch.tensor(certified, dtype=torch.bool)
     known = torch.stack(state.known)[:, :-1] if state.known else rest.new_zeros(0, rest.shape[1])
     known = torch.cat([known[sure], known[~sure]]) if len(known) else known
