@@ -29,10 +29,10 @@ PRIVACY_MODES = ("none", "dp-sgd", "regularized")
 # (book-keeping on Opacus' ghost-mode hooks: one backward pass, the clipped sum written directly; bookkeeping.py).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bk")
 # What `auto` tries, in this order; the first that handles the model. Measured (bench/dp_engine_bench.py, medians of
-# interleaved repetitions on a loaded 2-core CPU): book-keeping is the fastest and leanest on both models, by far on a
-# ResNet-18 fine-tuned end to end (2.1x plain's time and 1.5x its training memory, against ghost's 13.2x and 8.5x and
-# hooks' 12.4x and 19x), and on the study's small cnn (faces, B = 32: bk 2.5-2.95x plain's time, ghost 3.0-3.6x,
-# hooks 3.2-3.8x; digits, B = 128: bk 1.50x, ghost 2.11x, hooks 3.07x).
+# interleaved repetitions): book-keeping is the fastest and leanest on both models, by far on a ResNet-18 fine-tuned
+# end to end (loaded CPU: 2.1x plain's time and 1.5x its training memory, against ghost's 13.2x and 8.5x and hooks'
+# 12.4x and 19x), and on the study's small cnn (quiet CPU; faces, B = 32: bk 2.03x plain's time, ghost 2.62x, hooks
+# 2.50x; digits, B = 128: bk 1.43x, ghost 1.92x, hooks 2.86x).
 ENGINE_PREFERENCE = ("bk", "ghost", "hooks", "ew", "functorch")
 # Layer types PyTorch's expanded weights differentiate per sample; any other layer with trainable weights fails.
 EXPANDED_WEIGHTS_LAYERS = (
