@@ -133,8 +133,7 @@ class WeightUpdate:
             if robust:  # drop the few neurons x fired between the sent and the returned weights
                 keep = self.inliers(system, rhs, dual, free)
                 system, rhs = system[keep], rhs[keep]
-                silent = silent.clone()
-                silent[silent.clone()] = keep
+                silent = silent.masked_scatter(silent, keep)
             if len(system) < system.shape[1]:
                 return None
             if torch.linalg.svdvals(system).min() < UNIQUE_COLUMN * self.floor * self.top:
