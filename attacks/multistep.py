@@ -59,7 +59,9 @@ TWIN_TOLERANCE = 300  # floors within which two readouts of one sample agree (re
 RANKED = 128  # unchecked readouts (by bias entry) ranked by how narrowly a column pins them; the rest follow
 OUTLIERS = 0.03  # at most this share of the surely-silent neurons may be dropped from a robust column's fit
 IRLS_STEPS = 15  # reweighted least-squares steps of the robust fit (its inliers settle within ~10)
-SINGLE_TRIES = 64  # single reads tried per round when none is read twice, largest bias entry first
+BOX_TOLERANCE = 1e-3  # how far outside [0, 1] a pixel read may lie: a sample's reads are within 1.2e-4 of it (float
+# rounding), a mixture's leave the box by 0.01-0.7 (its samples' weights on a neuron are signed gradients; digits,
+# 10 x 10 x 5: 9 of 10 mixtures read on one neuron lie outside)
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
 
 
@@ -217,16 +219,28 @@ def best_uncertified(state: WeightUpdate, x: torch.Tensor) -> list[tuple[torch.T
     return [(x[best], ranks[best][1], False)] if ranks[best][1] is not None else []
 
 
+def in_box(x: torch.Tensor, pixels: bool) -> torch.Tensor:
+    """Which readouts (x, 1) lie in the data range [0, 1] that every input of the pipeline has (data_sources.py):
+    a sample's reads do, a mixture's mostly do not (its weights are signed). Features (a readout layer behind
+    convolutions or a backbone) have no such range: all pass."""
+    if not pixels:
+        return torch.ones(len(x), dtype=torch.bool)
+    return ((x[:, :-1] >= -BOX_TOLERANCE) & (x[:, :-1] <= 1 + BOX_TOLERANCE)).all(1)
+
+
 def read_weight_update(
     model: nn.Module, update: SharedUpdate, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> Readout:
-    """Peeling of the readout layer's rows of a multi-step update: the samples read on two neurons alike and
-    certified by their column, peeled round after round; once that stalls, twin reads with a robust column
-    (inliers of the surely-silent neurons), peeled uncertified one a round; then the readouts of what is left,
-    unchecked: those read on two neurons alike first, then the others, each group ranked by the narrowest margin
-    at which a robust column pins them (a true single read is pinned at 0.05-0.1, a mixture of many at >= 0.25
-    or not at all), then by bias entry. Certified rows come first, then the uncertified peels, then the rest."""
+    """Peeling of the readout layer's rows of a multi-step update, among the reads that lie in the data range (a
+    mixture's mostly do not): the samples read on two neurons alike and certified by their column, peeled round
+    after round, or where none is, the single read (largest bias entry first) whose column certifies and fits,
+    uncertified; once that stalls, twin reads with a robust column (inliers of the surely-silent neurons), peeled
+    uncertified one a round; then the readouts of what is left, unchecked: those read on two neurons alike first,
+    then the others, each group ranked by the narrowest margin at which a robust column pins them (a true single
+    read is pinned at 0.05-0.1, a mixture of many at >= 0.25 or not at all), then in the data range first, then by
+    bias entry. Certified rows come first, then the uncertified peels, then the rest."""
     state = WeightUpdate(model, update)
+    pixels = reads_pixels(model, input_shape)
     silent = ~state.live
     tolerance = TWIN_TOLERANCE * state.floor
     certified: list[bool] = []
@@ -235,14 +249,14 @@ def read_weight_update(
         x = readouts(state)
         twins = twice_read(x, tolerance)
         x = x[_distinct(x[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
-        x = x[~firing_silent(model, x[:, :-1], silent)]
+        x = x[~firing_silent(model, x[:, :-1], silent) & in_box(x, pixels)]
         twin = (torch.cdist(x[:, :-1], twins[:, :-1], p=float("inf")) <= tolerance).any(1)
         if robust:  # certification stalled: the twin read that a robust column pins most narrowly, uncertified
             new = best_uncertified(state, x[twin])
         else:
             new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
         if not new and not robust:  # no sample read twice: peel the best-conditioned single read whose column fits
-            singles = x[~twin][:SINGLE_TRIES]
+            singles = x[~twin]
             new = next(
                 ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
             )
@@ -260,6 +274,7 @@ def read_weight_update(
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
     rest = rest[~firing_silent(model, rest[:, :-1], silent)]
+    rest = torch.cat([rest[in_box(rest, pixels)], rest[~in_box(rest, pixels)]])
     rank = torch.tensor([pinned(state, xi)[0] for xi in rest[:RANKED]] + [len(MARGINS)] * len(rest[RANKED:]))
     rest = rest[torch.sort(rank, stable=True).indices][:, :-1]
     sure = torch.tensor(certified, dtype=torch.bool)
@@ -272,5 +287,5 @@ def read_weight_update(
         exact=int(sure.sum()),
         collisions=len(inputs) - int(sure.sum()),
         unexplained=float(state.residual().norm() / state.rows.norm().clamp_min(1e-300)),
-        labelled=reads_pixels(model, input_shape),
+        labelled=pixels,
     )

@@ -3,7 +3,7 @@ certificate where it does not."""
 
 import torch
 
-from attacks.multistep import read_weight_update
+from attacks.multistep import WeightUpdate, in_box, read_weight_update, readouts
 from data_sources import load_dataset
 from defenses import ClientSetup, MechanismSpec, client_update
 from models import create_model
@@ -46,6 +46,12 @@ def test_dimitrov_setting_certifies_nothing_false():
     readout = read_weight_update(model, update, split.input_shape, split.num_classes, 1)
     assert readout.exact > 0
     assert (certified_errors(readout, x) < 1e-4).all()
+    # the data range sorts the raw reads: every read of one digit lies in [0, 1], most mixtures' do not
+    reads = readouts(WeightUpdate(model, update))
+    exact = torch.cdist(reads[:, :-1].float(), x, p=float("inf")).min(1).values < 1e-3
+    assert exact.sum() >= 5 and in_box(reads[exact], True).all()
+    assert in_box(reads[~exact], True).float().mean() < 0.3
+    assert in_box(reads[~exact], False).all()  # features have no range
     model, update, x, _, split = weight_update("mlp", 50, 10, 5, seed=1)
     readout = read_weight_update(model, update, split.input_shape, split.num_classes, 1)
     assert readout.exact < 50
