@@ -62,6 +62,9 @@ IRLS_STEPS = 15  # reweighted least-squares steps of the robust fit (its inliers
 BOX_TOLERANCE = 1e-3  # how far outside [0, 1] a pixel read may lie: a sample's reads are within 1.2e-4 of it (float
 # rounding), a mixture's leave the box by 0.01-0.7 (its samples' weights on a neuron are signed gradients; digits,
 # 10 x 10 x 5: 9 of 10 mixtures read on one neuron lie outside)
+SINGLE_MARGIN = 0.25  # a single read is peeled only where a robust column also pins it at a margin up to this: the
+# exact single reads of a stalled peel (digits, 10 x 10 x 5) are pinned at 0.1-0.25 (9 of 11), its mixtures at none
+# (81 of 90; 8 at 0.1-0.25)
 SUPPORT_FLOOR = 1e-5  # a column entry below this share of its largest on a neuron x clearly fires: not a sample
 
 
@@ -209,6 +212,12 @@ def pinned(state: WeightUpdate, x: torch.Tensor) -> tuple[int, torch.Tensor | No
     return len(MARGINS), None
 
 
+def pinned_single(state: WeightUpdate, x: torch.Tensor) -> bool:
+    """Whether a robust column pins a single read x at SINGLE_MARGIN or narrower: a read whose exact column is
+    that of one sample it mixes (the column does not tell them apart) is mostly pinned at none."""
+    return pinned(state, x)[0] <= MARGINS.index(SINGLE_MARGIN)
+
+
 def best_uncertified(state: WeightUpdate, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
     """The twin read pinned at the narrowest margin by a robust column, uncertified: once certification stalls
     this peels on (singles are not tried: there the robust fit also pins mixtures of many samples)."""
@@ -233,8 +242,8 @@ def read_weight_update(
 ) -> Readout:
     """Peeling of the readout layer's rows of a multi-step update, among the reads that lie in the data range (a
     mixture's mostly do not): the samples read on two neurons alike and certified by their column, peeled round
-    after round, or where none is, the single read (largest bias entry first) whose column certifies and fits,
-    uncertified; once that stalls, twin reads with a robust column (inliers of the surely-silent neurons), peeled
+    after round, or where none is, the single read (largest bias entry first) whose column certifies and fits and
+    that a robust column pins narrowly, uncertified; once that stalls, twin reads with a robust column (inliers of the surely-silent neurons), peeled
     uncertified one a round; then the readouts of what is left, unchecked: those read on two neurons alike first,
     then the others, each group ranked by the narrowest margin at which a robust column pins them (a true single
     read is pinned at 0.05-0.1, a mixture of many at >= 0.25 or not at all), then in the data range first, then by
@@ -258,7 +267,12 @@ def read_weight_update(
         if not new and not robust:  # no sample read twice: peel the best-conditioned single read whose column fits
             singles = x[~twin]
             new = next(
-                ([(xi, c, False)] for xi in singles if (c := state.column(xi)) is not None and state.fits(xi, c)), []
+                (
+                    [(xi, c, False)]
+                    for xi in singles
+                    if (c := state.column(xi)) is not None and state.fits(xi, c) and pinned_single(state, xi)
+                ),
+                [],
             )
             if not new:
                 robust = True
