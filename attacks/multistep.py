@@ -61,7 +61,7 @@ OUTLIERS = 0.03  # at most this share of the surely-silent neurons may be droppe
 IRLS_STEPS = 15  # reweighted least-squares steps of the robust fit (its inliers settle within ~10)
 BOX_TOLERANCE = 1e-3  # how far outside [0, 1] a pixel read may lie: a sample's reads are within 1.2e-4 of it (float
 # rounding), a mixture's leave the box by 0.01-0.7 (its samples' weights on a neuron are signed gradients; digits,
-# 10 x 10 x 5: 9 of 10 mixtures read on one neuron lie outside)
+# 10 x 10 x 5: 94-95 % of the mixture reads of an update lie outside)
 SINGLE_MARGIN = 0.25  # a single read is peeled only where a robust column also pins it at a margin up to this: the
 # exact single reads of a stalled peel (digits, 10 x 10 x 5) are pinned at 0.1-0.25 (9 of 11), its mixtures at none
 # (81 of 90; 8 at 0.1-0.25)
@@ -243,11 +243,12 @@ def read_weight_update(
     """Peeling of the readout layer's rows of a multi-step update, among the reads that lie in the data range (a
     mixture's mostly do not): the samples read on two neurons alike and certified by their column, peeled round
     after round, or where none is, the single read (largest bias entry first) whose column certifies and fits and
-    that a robust column pins narrowly, uncertified; once that stalls, twin reads with a robust column (inliers of the surely-silent neurons), peeled
-    uncertified one a round; then the readouts of what is left, unchecked: those read on two neurons alike first,
-    then the others, each group ranked by the narrowest margin at which a robust column pins them (a true single
-    read is pinned at 0.05-0.1, a mixture of many at >= 0.25 or not at all), then in the data range first, then by
-    bias entry. Certified rows come first, then the uncertified peels, then the rest."""
+    that a robust column pins narrowly, uncertified; once that stalls, twin reads with a robust column (inliers of
+    the surely-silent neurons), peeled uncertified one a round; then the readouts of what is left, unchecked: those
+    read on two neurons alike first, then the others, each group ranked by the narrowest margin at which a robust
+    column pins them (a true single read is pinned at 0.05-0.25, a mixture of many at >= 0.25 or not at all), then
+    in the data range first, then by bias entry. Certified rows come first, then the uncertified peels, then the
+    rest."""
     state = WeightUpdate(model, update)
     pixels = reads_pixels(model, input_shape)
     silent = ~state.live
@@ -264,7 +265,7 @@ def read_weight_update(
             new = best_uncertified(state, x[twin])
         else:
             new = [(xi, c, True) for xi in x[twin] if (c := state.column(xi)) is not None]
-        if not new and not robust:  # no sample read twice: peel the best-conditioned single read whose column fits
+        if not new and not robust:  # none read twice: the best-conditioned single read that fits and is pinned
             singles = x[~twin]
             new = next(
                 (
@@ -288,7 +289,8 @@ def read_weight_update(
     rest = torch.cat([twins, rest])
     rest = rest[_distinct(rest[:, :-1].float(), torch.stack(state.known)[:, :-1].float() if state.known else None)]
     rest = rest[~firing_silent(model, rest[:, :-1], silent)]
-    rest = torch.cat([rest[in_box(rest, pixels)], rest[~in_box(rest, pixels)]])
+    inside = in_box(rest, pixels)
+    rest = torch.cat([rest[inside], rest[~inside]])
     rank = torch.tensor([pinned(state, xi)[0] for xi in rest[:RANKED]] + [len(MARGINS)] * len(rest[RANKED:]))
     rest = rest[torch.sort(rank, stable=True).indices][:, :-1]
     sure = torch.tensor(certified, dtype=torch.bool)
